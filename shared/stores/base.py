@@ -1,0 +1,263 @@
+"""The vector-store interface and the logic both adapters share.
+
+A collection holds one point per detected object of a catalogue image. Point ids
+come from :func:`shared.messages.point_id`, so redelivering an image overwrites
+its points. Every point of a product carries the product's catalogue fields
+(:meth:`shared.messages.ProductInfo.payload`), which is what filters run on.
+
+Filters are described here once, backend-neutrally (:class:`Conditions`); each
+adapter translates them into its own filter classes and hands them to the engine,
+so they are applied inside the vector search, never to a short list afterwards.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy
+
+from shared.messages import SearchFilters
+
+Distance = Literal["cosine", "euclid"]
+
+# Payload fields indexed in every collection, with their index kind.
+PAYLOAD_INDEXES: dict[str, Literal["keyword", "float", "bool"]] = {
+    "product_id": "keyword",
+    "image_id": "keyword",
+    "category": "keyword",
+    "shops": "keyword",
+    "min_price": "float",
+    "in_stock": "bool",
+}
+
+# Page size when scrolling through a product's points.
+SCROLL_PAGE = 256
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    name: str  # e.g. "lookalike__efficientnet_lite0"
+    dim: int
+    distance: Distance = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0:
+            raise ValueError(f"collection {self.name!r}: dim must be positive, got {self.dim}")
+        if self.distance not in ("cosine", "euclid"):
+            raise ValueError(f"collection {self.name!r}: unknown distance {self.distance!r}")
+
+    def check_matches(self, dim: int, distance: str) -> None:
+        """Raise ValueError naming both when the stored ``dim``/``distance`` differ from this spec."""
+        if (dim, distance) != (self.dim, self.distance):
+            raise ValueError(
+                f"collection {self.name!r} exists with dim={dim} distance={distance}, "
+                f"but dim={self.dim} distance={self.distance} was asked for"
+            )
+
+
+@dataclass
+class PointRecord:
+    id: str  # uuid string (from shared.messages.point_id)
+    vector: Sequence[float] | numpy.ndarray
+    payload: dict
+
+
+@dataclass
+class Hit:
+    id: str
+    # As Qdrant returns it: cosine similarity (higher is closer) or euclidean
+    # distance (lower is closer). Lists of hits are always best-first.
+    score: float
+    payload: dict
+
+
+# --------------------------------------------------------------------------- neutral filter description
+
+
+@dataclass(frozen=True)
+class MatchAny:
+    """The field (or one element of a list field) equals one of ``values``."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MatchValue:
+    key: str
+    value: str | bool
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric range, both ends inclusive; a missing/null field never matches."""
+
+    key: str
+    gte: float | None = None
+    lte: float | None = None
+
+
+Condition = MatchAny | MatchValue | Range
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """AND of ``must``, none of ``must_not``. Empty means "every point"."""
+
+    must: tuple[Condition, ...] = ()
+    must_not: tuple[Condition, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.must or self.must_not)
+
+
+def search_conditions(filters: SearchFilters | None, exclude_product_ids: Collection[str] = ()) -> Conditions:
+    """What a shopper's filters mean as payload conditions.
+
+    An empty list (``categories=[]``) means "no filter on that field", not "match
+    nothing": clients send empty lists for untouched facets.
+    """
+    must: list[Condition] = []
+    if filters is not None:
+        if filters.categories:
+            must.append(MatchAny("category", tuple(filters.categories)))
+        if filters.shops:
+            must.append(MatchAny("shops", tuple(filters.shops)))
+        if filters.price_min is not None or filters.price_max is not None:
+            must.append(Range("min_price", gte=filters.price_min, lte=filters.price_max))
+        if filters.in_stock is not None:
+            must.append(MatchValue("in_stock", filters.in_stock))
+    must_not: list[Condition] = []
+    if exclude_product_ids:
+        must_not.append(MatchAny("product_id", tuple(exclude_product_ids)))
+    return Conditions(must=tuple(must), must_not=tuple(must_not))
+
+
+def product_conditions(product_ids: str | Sequence[str], image_ids: Collection[str] | None = None) -> Conditions:
+    """Points of these products (and, if given, of these images of them only)."""
+    ids = (product_ids,) if isinstance(product_ids, str) else tuple(product_ids)
+    must: list[Condition] = [MatchValue("product_id", ids[0]) if len(ids) == 1 else MatchAny("product_id", ids)]
+    if image_ids is not None:
+        must.append(MatchAny("image_id", tuple(image_ids)))
+    return Conditions(must=tuple(must))
+
+
+def as_vector(vector: Any, dim: int | None = None) -> list[float]:
+    """A flat list of floats (what both engines take), checked against ``dim`` when known."""
+    flat = numpy.asarray(vector, dtype=numpy.float32).reshape(-1)
+    if dim is not None and flat.shape[0] != dim:
+        raise ValueError(f"vector has dim {flat.shape[0]}, collection expects {dim}")
+    return flat.tolist()
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class VectorStore(ABC):
+    """One collection per embedding model; see the module docstring for the data model.
+
+    Transport/engine I/O failures raise :class:`shared.errors.StoreUnavailable`
+    (retry later); programmer errors stay ``KeyError`` (unknown collection) or
+    ``ValueError`` (wrong dim, spec mismatch).
+    """
+
+    backend: str  # "qdrant-edge" | "qdrant-client"
+
+    @abstractmethod
+    def ensure_collection(self, spec: CollectionSpec) -> None:
+        """Create the collection with its payload indexes; no-op if it exists with this spec.
+
+        Raises ValueError naming both specs if it exists with another dim or distance.
+        """
+
+    @abstractmethod
+    def upsert(self, collection: str, points: Sequence[PointRecord]) -> None:
+        """Insert or overwrite points; returns once the write is acknowledged/durable."""
+
+    @abstractmethod
+    def delete_points(self, collection: str, ids: Sequence[str]) -> None:
+        """Delete points by id (unknown ids are ignored)."""
+
+    @abstractmethod
+    def delete_product(self, collection: str, product_id: str) -> None:
+        """Delete every point of the product."""
+
+    @abstractmethod
+    def delete_product_images(self, collection: str, product_id: str, image_ids: Collection[str]) -> None:
+        """Delete the points of these images of the product only."""
+
+    @abstractmethod
+    def set_product_payload(self, collection: str, product_id: str, payload: dict) -> None:
+        """Merge ``payload`` into every point of the product (vectors untouched)."""
+
+    @abstractmethod
+    def product_image_ids(self, collection: str, product_id: str) -> set[str]:
+        """The image ids the product has points for."""
+
+    @abstractmethod
+    def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
+        """Stored vectors per product (float32; cosine collections hold them unit-normalised).
+
+        Products without points are absent from the result.
+        """
+
+    @abstractmethod
+    def search(
+        self,
+        collection: str,
+        vector: Any,
+        limit: int,
+        filters: SearchFilters | None = None,
+        exclude_product_ids: Collection[str] = (),
+    ) -> list[Hit]:
+        """Nearest points, best first, filtered inside the search."""
+
+    @abstractmethod
+    def count(self, collection: str) -> int:
+        """Exact number of points."""
+
+    @abstractmethod
+    def collections(self) -> list[str]:
+        """Names of the existing collections, sorted."""
+
+    @abstractmethod
+    def optimize(self, collection: str) -> None:
+        """Build search indexes now where the backend needs it (see adapters)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store; the object is unusable afterwards."""
+
+    def __enter__(self) -> "VectorStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def group_vectors(records: list[tuple[str, Any]]) -> dict[str, list[numpy.ndarray]]:
+    """``[(product_id, vector), ...]`` -> ``{product_id: [float32 array, ...]}``."""
+    out: dict[str, list[numpy.ndarray]] = {}
+    for product_id, vector in records:
+        out.setdefault(product_id, []).append(numpy.asarray(vector, dtype=numpy.float32))
+    return out
+
+
+__all__ = [
+    "PAYLOAD_INDEXES",
+    "CollectionSpec",
+    "Conditions",
+    "Hit",
+    "MatchAny",
+    "MatchValue",
+    "PointRecord",
+    "Range",
+    "VectorStore",
+    "as_vector",
+    "group_vectors",
+    "product_conditions",
+    "search_conditions",
+]

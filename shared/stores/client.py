@@ -1,0 +1,239 @@
+"""Qdrant server store (REST via qdrant-client), or qdrant-client's in-process
+``":memory:"`` mode for tests and demos."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import httpx
+import numpy
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from shared.errors import StoreUnavailable
+from shared.messages import SearchFilters
+from shared.stores.base import (
+    PAYLOAD_INDEXES,
+    SCROLL_PAGE,
+    CollectionSpec,
+    Conditions,
+    Hit,
+    MatchAny,
+    MatchValue,
+    PointRecord,
+    Range,
+    VectorStore,
+    as_vector,
+    group_vectors,
+    product_conditions,
+    search_conditions,
+)
+
+try:  # grpc comes with qdrant-client; only used if someone turns prefer_grpc on
+    import grpc
+except ImportError:  # pragma: no cover
+    grpc = None
+
+_DISTANCES = {"cosine": models.Distance.COSINE, "euclid": models.Distance.EUCLID}
+_INDEX_TYPES = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "float": models.PayloadSchemaType.FLOAT,
+    "bool": models.PayloadSchemaType.BOOL,
+}
+
+
+class QdrantClientStore(VectorStore):
+    """A Qdrant server at ``url`` (``":memory:"``: qdrant-client's local mode)."""
+
+    backend = "qdrant-client"
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: int = 10) -> None:
+        self.url = url
+        self._local = url == ":memory:"
+        if self._local:
+            self._client = QdrantClient(":memory:")
+        else:
+            # check_compatibility=False: no request at construction; the first call tells.
+            self._client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+        # Local mode is plain Python dicts with no locking of its own; the server needs none.
+        self._guard = threading.RLock() if self._local else nullcontext()
+
+    # ------------------------------------------------------------------ collections
+
+    def ensure_collection(self, spec: CollectionSpec) -> None:
+        with self._errors(spec.name):
+            if not self._client.collection_exists(spec.name):
+                try:
+                    self._client.create_collection(
+                        spec.name,
+                        vectors_config=models.VectorParams(size=spec.dim, distance=_DISTANCES[spec.distance]),
+                    )
+                except (UnexpectedResponse, ValueError):
+                    # Another worker may have created it meanwhile: then verify it below.
+                    if not self._client.collection_exists(spec.name):
+                        raise
+            info = self._client.get_collection(spec.name)
+            params = info.config.params.vectors
+            if not isinstance(params, models.VectorParams):
+                raise ValueError(f"collection {spec.name!r} uses named vectors {sorted(params or {})}")
+            spec.check_matches(params.size, str(params.distance.value).lower())
+            # Local mode ignores payload indexes (and warns about each), so skip them there.
+            if not self._local:
+                present = set(info.payload_schema or {})
+                for field, kind in PAYLOAD_INDEXES.items():
+                    if field not in present:
+                        self._client.create_payload_index(spec.name, field, _INDEX_TYPES[kind], wait=True)
+
+    def collections(self) -> list[str]:
+        with self._errors(None):
+            return sorted(c.name for c in self._client.get_collections().collections)
+
+    def count(self, collection: str) -> int:
+        with self._errors(collection):
+            return self._client.count(collection, exact=True).count
+
+    # ------------------------------------------------------------------ writes
+
+    def upsert(self, collection: str, points: Sequence[PointRecord]) -> None:
+        batch = [models.PointStruct(id=p.id, vector=as_vector(p.vector), payload=dict(p.payload)) for p in points]
+        if batch:
+            with self._errors(collection):
+                self._client.upsert(collection, batch, wait=True)
+
+    def delete_points(self, collection: str, ids: Sequence[str]) -> None:
+        if ids:
+            with self._errors(collection):
+                self._client.delete(collection, models.PointIdsList(points=list(ids)), wait=True)
+
+    def delete_product(self, collection: str, product_id: str) -> None:
+        selector = models.FilterSelector(filter=_filter(product_conditions(product_id)))
+        with self._errors(collection):
+            self._client.delete(collection, selector, wait=True)
+
+    def delete_product_images(self, collection: str, product_id: str, image_ids: Collection[str]) -> None:
+        if image_ids:
+            selector = models.FilterSelector(filter=_filter(product_conditions(product_id, image_ids)))
+            with self._errors(collection):
+                self._client.delete(collection, selector, wait=True)
+
+    def set_product_payload(self, collection: str, product_id: str, payload: dict) -> None:
+        with self._errors(collection):
+            self._client.set_payload(
+                collection, dict(payload), points=_filter(product_conditions(product_id)), wait=True
+            )
+
+    def optimize(self, collection: str) -> None:
+        """No-op: the server optimises (and builds HNSW) in the background by itself."""
+
+    # ------------------------------------------------------------------ reads
+
+    def search(
+        self,
+        collection: str,
+        vector: Any,
+        limit: int,
+        filters: SearchFilters | None = None,
+        exclude_product_ids: Collection[str] = (),
+    ) -> list[Hit]:
+        conds = search_conditions(filters, exclude_product_ids)
+        with self._errors(collection):
+            found = self._client.query_points(
+                collection,
+                query=as_vector(vector),
+                limit=limit,
+                query_filter=_filter(conds) if conds else None,
+                with_payload=True,
+            ).points
+        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {}) for p in found]
+
+    def product_image_ids(self, collection: str, product_id: str) -> set[str]:
+        records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vectors=False)
+        return {r.payload["image_id"] for r in records if r.payload and "image_id" in r.payload}
+
+    def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
+        if not product_ids:
+            return {}
+        records = self._scroll(collection, product_conditions(product_ids), ["product_id"], with_vectors=True)
+        return group_vectors([(r.payload["product_id"], _plain_vector(r.vector)) for r in records])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _scroll(self, collection: str, conds: Conditions, fields: list[str], with_vectors: bool) -> Iterator[Any]:
+        flt = _filter(conds)
+        offset = None
+        while True:
+            with self._errors(collection):
+                records, offset = self._client.scroll(
+                    collection,
+                    scroll_filter=flt,
+                    limit=SCROLL_PAGE,
+                    offset=offset,
+                    with_payload=fields,
+                    with_vectors=with_vectors,
+                )
+            yield from records
+            if offset is None:
+                return
+
+    @contextmanager
+    def _errors(self, collection: str | None) -> Iterator[None]:
+        """Transport failures -> StoreUnavailable; unknown collection -> KeyError; bad input -> ValueError."""
+        what = f"qdrant at {self.url}" + (f", collection {collection!r}" if collection else "")
+        try:
+            with self._guard:
+                yield
+        except UnexpectedResponse as e:  # the server answered with an error status
+            status = e.status_code
+            if status == 404:
+                raise KeyError(f"unknown collection {collection!r} ({what})") from e
+            if status is None or status >= 500 or status == 429:
+                raise StoreUnavailable(f"{what}: HTTP {status}") from e
+            raise ValueError(f"{what} rejected the request: HTTP {status} {e.content[:500]!r}") from e
+        except (ResponseHandlingException, httpx.TransportError) as e:  # no usable answer at all
+            raise StoreUnavailable(f"{what}: {e}") from e
+        except ValueError as e:
+            # Local mode reports an unknown collection as ValueError("Collection x not found").
+            if self._local and "not found" in str(e):
+                raise KeyError(f"unknown collection {collection!r}") from e
+            raise
+        except Exception as e:
+            if grpc is not None and isinstance(e, grpc.RpcError):
+                code = e.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise KeyError(f"unknown collection {collection!r} ({what})") from e
+                if code in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.ABORTED,
+                ):
+                    raise StoreUnavailable(f"{what}: {code.name}") from e
+            raise
+
+
+def _condition(c: MatchAny | MatchValue | Range) -> models.FieldCondition:
+    if isinstance(c, MatchAny):
+        return models.FieldCondition(key=c.key, match=models.MatchAny(any=list(c.values)))
+    if isinstance(c, MatchValue):
+        return models.FieldCondition(key=c.key, match=models.MatchValue(value=c.value))
+    return models.FieldCondition(key=c.key, range=models.Range(gte=c.gte, lte=c.lte))
+
+
+def _filter(conds: Conditions) -> models.Filter:
+    return models.Filter(
+        must=[_condition(c) for c in conds.must] or None,
+        must_not=[_condition(c) for c in conds.must_not] or None,
+    )
+
+
+def _plain_vector(vector: Any) -> Any:
+    # The default (unnamed) vector comes back as a list; a dict would mean named vectors.
+    return vector[""] if isinstance(vector, dict) else vector
