@@ -1,0 +1,38 @@
+"""detect: find the products in a normalised image.
+
+images.normalized -> images.detected. The objects are the detector's boxes (best
+first) followed by the whole image as a fallback object. A user-selected box in a
+search request skips detection: that region is the only object.
+"""
+
+from __future__ import annotations
+
+from shared.detector import Detector, whole_image_object
+from shared.errors import PoisonMessage
+from shared.images import open_jpeg
+from shared.messages import IMAGES_DETECTED, IMAGES_NORMALIZED, DetectedImage, DetectedObject, NormalizedImage
+from shared.runtime import Emit, Function, Route
+
+
+class Detect(Function):
+    name = "detect"
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+
+    def routes(self) -> list[Route]:
+        return [Route(IMAGES_NORMALIZED, NormalizedImage, self.on_image)]
+
+    def on_image(self, msg: NormalizedImage) -> list[Emit]:
+        if msg.box is not None:
+            objects = [DetectedObject(box=msg.box, label="selection", score=1.0)]
+            self.counters["user_boxes"] += 1
+        else:
+            try:
+                image = open_jpeg(msg.jpeg_bytes())
+            except Exception as e:  # ingest wrote it, so this is corruption in transit
+                raise PoisonMessage(f"normalised image cannot be decoded: {e}") from None
+            objects = self.detector.detect(image) + [whole_image_object(msg.width, msg.height)]
+            self.counters["objects"] += len(objects) - 1
+        return [Emit(IMAGES_DETECTED, DetectedImage(**msg.model_dump(), objects=objects))]

