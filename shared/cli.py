@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     setup_logging("INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"))
+    if not args.verbose and args.command != "up":
+        # Short-lived clients close connections mid-metadata-refresh; kafka-python reports that as an error.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if args.data_dir:
         os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
     settings = Settings()

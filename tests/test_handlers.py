@@ -1,0 +1,317 @@
+"""Handlers without a broker: each function is a plain object fed pydantic messages.
+
+GIVEN / WHEN / THEN, with factory helpers for photos and events. The embedder here
+is a tiny colour-statistics stand-in so the tests are about the handlers' rules;
+the real CNN is exercised in test_embedders.py and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from functions.detect.handler import Detect
+from functions.embed.handler import Embed
+from functions.ingest.handler import Ingest
+from functions.query.handler import Query
+from shared.config import Settings
+from shared.detector import WholeImageDetector
+from shared.errors import PoisonMessage
+from shared.messages import (
+    IMAGES_DETECTED,
+    IMAGES_NORMALIZED,
+    QUERY_VECTORS,
+    SEARCH_RESULTS,
+    Box,
+    CatalogDelete,
+    CatalogUpsert,
+    DetectedImage,
+    DetectedObject,
+    ImageRef,
+    Offer,
+    RecommendRequest,
+    SearchRequest,
+    point_id,
+)
+from shared.stores import CollectionSpec, EdgeStore
+
+COLLECTION = "test__colour"
+DIM = 6
+
+
+class ColourEmbedder:
+    """Mean and spread of each RGB channel, L2-normalised: enough to tell colours apart."""
+
+    spec = SimpleNamespace(id="colour", dim=DIM)
+
+    def embed(self, images):
+        rows = []
+        for img in images:
+            a = np.asarray(img, dtype=np.float32) / 255.0
+            v = np.concatenate([a.mean(axis=(0, 1)), a.std(axis=(0, 1))]) + 1e-3
+            rows.append(v / np.linalg.norm(v))
+        return np.stack(rows)
+
+
+def photo(color=(200, 30, 30), size=(800, 600), fmt="JPEG", exif_orientation=None) -> bytes:
+    img = Image.new("RGB", size, color)
+    img.paste((255, 255, 255), (0, 0, size[0] // 4, size[1] // 4))  # a marker in the top-left corner
+    buf = io.BytesIO()
+    kwargs = {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def data(raw: bytes) -> ImageRef:
+    return ImageRef(data=base64.b64encode(raw).decode())
+
+
+def upsert(pid="p1", colors=((200, 30, 30),), offers=None, **kw) -> CatalogUpsert:
+    offers = offers or [Offer(shop="b", price=12.0), Offer(shop="a", price=9.5), Offer(shop="c", price=11.0)]
+    fields = {"title": f"product {pid}", "category": "kitchen", **kw}
+    return CatalogUpsert(product_id=pid, images=[data(photo(c)) for c in colors], offers=offers, **fields)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = EdgeStore(tmp_path / "edge")
+    s.ensure_collection(CollectionSpec(COLLECTION, DIM))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(LOOKALIKE_DATA_DIR=str(tmp_path))
+
+
+@pytest.fixture
+def pipeline(settings, store):
+    """The four functions wired by hand: ingest -> detect -> embed (-> query)."""
+    ingest = Ingest(settings, store, COLLECTION)
+    detect = Detect(WholeImageDetector())
+    embed = Embed(ColourEmbedder(), store, COLLECTION)
+    query = Query(store, COLLECTION, "colour")
+
+    def index(event):
+        for e in ingest.on_catalog_event(event):
+            (detected,) = detect.on_image(e.message)
+            assert embed.on_batch([detected.message]) == [[]]
+
+    def search(raw, **kw):
+        (normalized,) = ingest.on_search_request(SearchRequest(image=data(raw), **kw))
+        (detected,) = detect.on_image(normalized.message)
+        ((vectors,),) = embed.on_batch([detected.message])
+        (result,) = query.on_vectors(vectors.message)
+        return result.message
+
+    return SimpleNamespace(ingest=ingest, detect=detect, embed=embed, query=query, index=index, search=search)
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def test_ingest_normalises_to_capped_rgb_jpeg(pipeline):
+    # GIVEN a large PNG with an alpha channel
+    img = Image.new("RGBA", (2000, 1000), (10, 200, 10, 128))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    event = CatalogUpsert(product_id="png", images=[data(buf.getvalue())])
+    # WHEN ingested
+    (emit,) = pipeline.ingest.on_catalog_event(event)
+    # THEN it leaves as an RGB JPEG with its longest side at 640, keyed by product
+    assert emit.topic == IMAGES_NORMALIZED
+    out = Image.open(io.BytesIO(emit.message.jpeg_bytes()))
+    assert out.format == "JPEG" and out.mode == "RGB" and out.size == (640, 320)
+    assert emit.message.key() == "png" and emit.message.index.event_id == event.event_id
+
+
+def test_ingest_applies_exif_rotation(pipeline):
+    # GIVEN a landscape photo whose EXIF says "rotate 90°"
+    event = CatalogUpsert(product_id="rot", images=[data(photo(size=(400, 200), exif_orientation=6))])
+    (emit,) = pipeline.ingest.on_catalog_event(event)
+    # THEN the normalised image is upright (portrait)
+    assert (emit.message.width, emit.message.height) == (200, 400)
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"\xff\xd8\xff\xe0 truncated", "cannot be decoded"),
+    (b"GIF89a not really", "cannot be decoded"),
+])
+def test_ingest_rejects_undecodable_images_as_poison(pipeline, raw, reason):
+    with pytest.raises(PoisonMessage, match=reason):
+        pipeline.ingest.on_catalog_event(CatalogUpsert(product_id="bad", images=[data(raw)]))
+
+
+def test_ingest_rejects_oversized_images(pipeline, settings):
+    settings.max_image_pixels = 100 * 100
+    with pytest.raises(PoisonMessage, match="more than 10000"):
+        pipeline.ingest.on_catalog_event(upsert())
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection to a non-loopback address fails the test before a packet leaves."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if not str(host).startswith("127.") and host not in ("::1", "localhost"):
+            pytest.fail(f"test tried to connect to {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail(f"DNS lookup {a[0]}"))
+
+
+@pytest.mark.parametrize("url", [
+    "file:///etc/passwd",
+    "ftp://10.0.0.1/x.jpg",
+    "http://127.0.0.1:9/x.jpg",
+    "http://10.1.2.3/x.jpg",
+    "http://192.168.0.1/x.jpg",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[::1]/x.jpg",
+])
+def test_ingest_refuses_urls_to_private_or_local_addresses(pipeline, no_network, url, monkeypatch):
+    # getaddrinfo on an IP literal needs no DNS: let only those through
+    monkeypatch.setattr(socket, "getaddrinfo", _literal_only)
+    with pytest.raises(PoisonMessage, match="refused URL"):
+        pipeline.ingest.on_catalog_event(CatalogUpsert(product_id="u", images=[ImageRef(url=url)]))
+
+
+def _literal_only(host, port, *args, **kwargs):
+    import ipaddress
+
+    addr = ipaddress.ip_address(host.strip("[]"))
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    return [(family, socket.SOCK_STREAM, 6, "", (str(addr), port))]
+
+
+def test_unchanged_images_update_the_payload_without_detect_or_embed(pipeline, store):
+    # GIVEN an indexed product
+    pipeline.index(upsert())
+    points = store.count(COLLECTION)
+    # WHEN the same photos arrive with new offers
+    emits = pipeline.ingest.on_catalog_event(upsert(offers=[Offer(shop="z", price=1.0)], title="renamed"))
+    # THEN nothing goes on to detection, and the stored offers and title changed in place
+    assert emits == [] and pipeline.ingest.counters["unchanged"] == 1
+    assert store.count(COLLECTION) == points
+    hit = store.search(COLLECTION, ColourEmbedder().embed([Image.open(io.BytesIO(photo()))])[0], 1)[0]
+    assert hit.payload["title"] == "renamed" and hit.payload["min_price"] == 1.0
+
+
+def test_changed_images_replace_the_stale_points(pipeline, store):
+    pipeline.index(upsert(colors=[(200, 30, 30), (30, 30, 200)]))
+    before = store.product_image_ids(COLLECTION, "p1")
+    # WHEN the product keeps its red photo and swaps the blue one for a green one
+    pipeline.index(upsert(colors=[(200, 30, 30), (30, 200, 30)]))
+    after = store.product_image_ids(COLLECTION, "p1")
+    # THEN one image id stayed, one left, one arrived
+    assert len(before) == len(after) == 2 and len(before & after) == 1
+    assert store.count(COLLECTION) == 2
+
+
+def test_delete_removes_the_product(pipeline, store):
+    pipeline.index(upsert("p1"))
+    pipeline.index(upsert("p2", colors=[(30, 200, 30)]))
+    pipeline.ingest.on_catalog_event(CatalogDelete(product_id="p1"))
+    assert store.product_image_ids(COLLECTION, "p1") == set()
+    assert store.product_image_ids(COLLECTION, "p2")
+
+
+# ----------------------------------------------------------------------------- detect
+
+
+def test_detect_appends_the_whole_image_and_honours_a_user_box(pipeline):
+    (normalized,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo(size=(1280, 960)))))
+    (detected,) = pipeline.detect.on_image(normalized.message)
+    assert detected.topic == IMAGES_DETECTED
+    assert [o.label for o in detected.message.objects] == ["image"]
+    assert detected.message.objects[0].box.as_list() == [0, 0, 640, 480]
+    # GIVEN a box drawn on the uploaded 1280x960 photo
+    request = SearchRequest(image=data(photo(size=(1280, 960))), box=Box(x1=0, y1=0, x2=320, y2=240))
+    (normalized,) = pipeline.ingest.on_search_request(request)
+    (detected,) = pipeline.detect.on_image(normalized.message)
+    # THEN only that region (scaled to the normalised image) is searched
+    assert [o.label for o in detected.message.objects] == ["selection"]
+    assert detected.message.objects[0].box.as_list() == [0, 0, 160, 120]
+
+
+def test_search_box_outside_the_photo_is_poison(pipeline):
+    with pytest.raises(PoisonMessage, match="outside"):
+        pipeline.ingest.on_search_request(SearchRequest(image=data(photo()), box=Box(x1=900, y1=0, x2=950, y2=10)))
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def test_embed_redelivery_overwrites_instead_of_duplicating(pipeline, store):
+    (normalized,) = pipeline.ingest.on_catalog_event(upsert())
+    (detected,) = pipeline.detect.on_image(normalized.message)
+    pipeline.embed.on_batch([detected.message])
+    pipeline.embed.on_batch([detected.message])  # the same message delivered twice
+    assert store.count(COLLECTION) == 1
+    expected = point_id("p1", normalized.message.image_id, 0)
+    assert store.search(COLLECTION, store.product_vectors(COLLECTION, ["p1"])["p1"][0], 1)[0].id == expected
+
+
+def test_embed_batches_both_intents_and_isolates_a_corrupt_message(pipeline, store):
+    (index_msg,) = pipeline.ingest.on_catalog_event(upsert())
+    (query_msg,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo())))
+    index_det = pipeline.detect.on_image(index_msg.message)[0].message
+    query_det = pipeline.detect.on_image(query_msg.message)[0].message
+    corrupt = DetectedImage(**{**query_det.model_dump(), "jpeg": base64.b64encode(b"garbage").decode()})
+    # WHEN one batch holds an index image, a query image and a corrupt one
+    outcomes = pipeline.embed.on_batch([index_det, query_det, corrupt])
+    # THEN the index image is stored, the query goes on with one vector per object, the corrupt one is poison
+    assert outcomes[0] == [] and store.count(COLLECTION) == 1
+    (emit,) = outcomes[1]
+    assert emit.topic == QUERY_VECTORS and len(emit.message.objects[0].vector) == DIM
+    assert isinstance(outcomes[2], PoisonMessage)
+
+
+# ----------------------------------------------------------------------------- query
+
+
+def test_query_returns_one_entry_per_product_with_sorted_offers(pipeline):
+    # GIVEN a red product with two red-ish photos and a blue product
+    pipeline.index(upsert("red", colors=[(200, 30, 30), (190, 40, 35)]))
+    pipeline.index(upsert("blue", colors=[(30, 30, 200)], offers=[Offer(shop="a", price=5.0)]))
+    # WHEN searching with a red photo
+    result = pipeline.search(photo((205, 28, 28)), top_k=5)
+    assert result.objects[0].label == "image"
+    products = result.objects[0].products
+    # THEN red comes first, once, and offers are cheapest first with the best one marked
+    assert [p.product_id for p in products] == ["red", "blue"]
+    assert [o.price for o in products[0].offers] == [9.5, 11.0, 12.0]
+    assert products[0].best_offer.shop == "a"
+
+
+def test_best_offer_skips_out_of_stock_shops(pipeline):
+    offers = [Offer(shop="cheap", price=1.0, in_stock=False), Offer(shop="dear", price=3.0)]
+    pipeline.index(upsert("p", offers=offers))
+    product = pipeline.search(photo()).objects[0].products[0]
+    assert product.offers[0].shop == "cheap" and product.best_offer.shop == "dear"
+
+
+def test_recommend_excludes_the_history_and_follows_it(pipeline):
+    pipeline.index(upsert("red", colors=[(200, 30, 30)]))
+    pipeline.index(upsert("red2", colors=[(180, 40, 40)]))
+    pipeline.index(upsert("blue", colors=[(30, 30, 200)]))
+    (emit,) = pipeline.query.on_recommend(RecommendRequest(positive=["red"], top_k=5))
+    assert emit.topic == SEARCH_RESULTS
+    ids = [p.product_id for p in emit.message.objects[0].products]
+    assert ids[0] == "red2" and "red" not in ids
+    (emit,) = pipeline.query.on_recommend(RecommendRequest(positive=["unknown"]))
+    assert emit.message.status == "error" and "unknown" in emit.message.error
