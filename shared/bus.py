@@ -119,6 +119,7 @@ def make_consumer(
     topics: list[str] | None = None,
     session_timeout_ms: int = 10000,
     client_id: str = "lookalike",
+    fetch_max_wait_ms: int = 50,
 ) -> KafkaConsumer:
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap_servers,
@@ -130,6 +131,9 @@ def make_consumer(
         heartbeat_interval_ms=max(500, session_timeout_ms // 5),
         max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
         fetch_max_bytes=16 * MAX_MESSAGE_BYTES,
+        # The broker holds an empty fetch this long; every pipeline stage pays it once per
+        # message when idle, so it bounds search latency (kafka-python's default is 500 ms).
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
     if topics:
         consumer.subscribe(topics)
@@ -141,30 +145,46 @@ def end_offsets(consumer: KafkaConsumer, topics: list[str]) -> dict[TopicPartiti
     return consumer.end_offsets(tps) if tps else {}
 
 
-def group_lag(bootstrap_servers: str, group_id: str, topics: list[str]) -> dict[str, int]:
-    """Messages not yet committed by ``group_id``, per topic."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False)
-    try:
+class OffsetReader:
+    """Reads end offsets and committed group offsets with long-lived connections.
+
+    Short-lived consumers per call are slow and make kafka-python log errors when
+    closed mid-refresh, so one consumer per group is kept and reused.
+    """
+
+    def __init__(self, bootstrap_servers: str):
+        self.bootstrap_servers = bootstrap_servers
+        self._consumers: dict[str | None, KafkaConsumer] = {}
+
+    def _consumer(self, group_id: str | None) -> KafkaConsumer:
+        if group_id not in self._consumers:
+            self._consumers[group_id] = KafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+                client_id="lookalike-offsets")
+        return self._consumers[group_id]
+
+    def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:
+        return end_offsets(self._consumer(None), topics)
+
+    def lag(self, group_id: str, topics: list[str]) -> dict[str, int]:
+        """Messages not yet committed by ``group_id``, per topic."""
+        consumer = self._consumer(group_id)
         lag: dict[str, int] = {}
-        for tp, end in end_offsets(consumer, topics).items():
+        for tp, end in self.end_offsets(topics).items():
             committed = consumer.committed(tp) or 0
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - committed)
         return lag
-    finally:
-        consumer.close(autocommit=False)
 
-
-def topic_sizes(bootstrap_servers: str, topics: list[str]) -> dict[str, int]:
-    """Messages ever written per topic (end offsets; memory broker keeps everything)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers)
-    try:
-        begin = {}
-        ends = end_offsets(consumer, topics)
-        if ends:
-            begin = consumer.beginning_offsets(list(ends))
+    def sizes(self, topics: list[str]) -> dict[str, int]:
+        """Messages held per topic (end minus beginning offsets)."""
+        ends = self.end_offsets(topics)
+        begin = self._consumer(None).beginning_offsets(list(ends)) if ends else {}
         sizes: dict[str, int] = {t: 0 for t in topics}
         for tp, end in ends.items():
             sizes[tp.topic] += end - begin.get(tp, 0)
         return sizes
-    finally:
-        consumer.close()
+
+    def close(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close(autocommit=False)
+        self._consumers.clear()

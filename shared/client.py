@@ -11,7 +11,7 @@ from typing import Iterable
 from kafka import KafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
-from shared.bus import group_lag, make_producer, topic_sizes
+from shared.bus import OffsetReader, make_producer
 from shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
@@ -62,6 +62,8 @@ class Client:
     def __init__(self, bootstrap_servers: str):
         self.bootstrap_servers = bootstrap_servers
         self._producer = None
+        self.offsets = OffsetReader(bootstrap_servers)
+        self._results_consumer: KafkaConsumer | None = None
 
     @property
     def producer(self):
@@ -72,6 +74,9 @@ class Client:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=10)
+        self.offsets.close()
+        if self._results_consumer is not None:
+            self._results_consumer.close(autocommit=False)
 
     def publish(self, topic: str, messages: Iterable[Message]) -> int:
         futures = [self.producer.send(topic, key=m.key().encode(), value=m.to_bytes()) for m in messages]
@@ -87,7 +92,7 @@ class Client:
         """Catalogue work not yet finished: stage by stage, so a zero means all done."""
         total = 0
         for group, topic in INDEX_STAGES:
-            total += sum(group_lag(self.bootstrap_servers, group, [topic]).values())
+            total += sum(self.offsets.lag(group, [topic]).values())
             if total:
                 return total
         return 0
@@ -100,29 +105,32 @@ class Client:
             time.sleep(poll_s)
         return time.monotonic() - start
 
-    def _results_consumer(self) -> KafkaConsumer:
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
-        tps = [TopicPartition(SEARCH_RESULTS, p) for p in sorted(consumer.partitions_for_topic(SEARCH_RESULTS) or [])]
-        consumer.assign(tps)
-        consumer.seek_to_end(*tps)
-        for tp in tps:
-            consumer.position(tp)  # resolve "end" now, before the request is published
-        return consumer
+    def _results(self) -> KafkaConsumer:
+        """One consumer of search.results for this client, positioned at the end when created."""
+        if self._results_consumer is None:
+            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
+                                     fetch_max_wait_ms=50, client_id="lookalike-cli")
+            tps = [TopicPartition(SEARCH_RESULTS, p)
+                   for p in sorted(consumer.partitions_for_topic(SEARCH_RESULTS) or [])]
+            consumer.assign(tps)
+            consumer.seek_to_end(*tps)
+            for tp in tps:
+                consumer.position(tp)  # resolve "end" now, before any request is published
+            self._results_consumer = consumer
+        return self._results_consumer
 
     def request(self, topic: str, message: SearchRequest | RecommendRequest, timeout_s: float = 60.0) -> SearchResult:
         """Publish a request and wait for its result on search.results (matched by request_id)."""
-        consumer = self._results_consumer()
-        try:
-            self.publish(topic, [message])
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=200).values():
-                    for r in records:
-                        if r.key == message.request_id.encode():
-                            return SearchResult.model_validate_json(r.value)
-            raise TimeoutError(f"no result for request {message.request_id} within {timeout_s:.0f} s")
-        finally:
-            consumer.close(autocommit=False)
+        consumer = self._results()
+        self.publish(topic, [message])
+        key = message.request_id.encode()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=100).values():
+                for r in records:
+                    if r.key == key:  # results of other clients' requests are not ours to keep
+                        return SearchResult.model_validate_json(r.value)
+        raise TimeoutError(f"no result for request {message.request_id} within {timeout_s:.0f} s")
 
     def search(self, photo: bytes, timeout_s: float = 60.0, **fields) -> SearchResult:
         request = SearchRequest(image=ImageRef(data=base64.b64encode(photo).decode()), **fields)
@@ -155,10 +163,9 @@ class Client:
             "query": ["query.vectors", RECOMMEND_REQUESTS],
         }
         return {
-            "topics": topic_sizes(self.bootstrap_servers, list(ALL_TOPICS)),
-            "lag": {name: group_lag(self.bootstrap_servers, f"lookalike-{name}", topics)
-                    for name, topics in groups.items()},
-            "dlq": topic_sizes(self.bootstrap_servers, [dlq_topic(t) for t in ALL_TOPICS]),
+            "topics": self.offsets.sizes(list(ALL_TOPICS)),
+            "lag": {name: self.offsets.lag(f"lookalike-{name}", topics) for name, topics in groups.items()},
+            "dlq": self.offsets.sizes([dlq_topic(t) for t in ALL_TOPICS]),
         }
 
 

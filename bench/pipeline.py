@@ -1,0 +1,73 @@
+"""End-to-end timings on the embedded stack: index N catalogue events, then photo searches.
+
+    python bench/pipeline.py --products 100 --photos 4 --searches 20
+
+Prints one JSON object: time from the first publish until the last event is indexed
+(all stages committed), points stored, and search latency (publish -> result received,
+through ingest, detect, embed and query) as median / p95 / max over sequential searches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from shared.client import Client, read_catalog
+from shared.config import Settings
+from shared.messages import CATALOG_EVENTS
+from shared.sample_catalog import generate
+from shared.service import Stack, setup_logging
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--products", type=int, default=100)
+    parser.add_argument("--photos", type=int, default=4, help="catalogue photos per product")
+    parser.add_argument("--searches", type=int, default=20)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--detect", default="none")
+    args = parser.parse_args()
+    setup_logging("WARNING")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = generate(Path(tmp) / "sample", n_products=args.products, photos_per_product=args.photos)
+        events = read_catalog(sample.catalog_path)
+        settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=args.model,
+                            embed_precision=args.precision, detect_weights=args.detect)
+        with Stack(settings) as stack:
+            client = Client(stack.bootstrap_servers)
+            start = time.monotonic()
+            client.publish(CATALOG_EVENTS, events)
+            client.wait_indexed(poll_s=0.05)
+            index_s = time.monotonic() - start
+            points = stack.resources.store.count(stack.resources.collection)
+
+            latencies, correct = [], 0
+            for i in range(args.searches):
+                photo, product_id = sample.queries[i % len(sample.queries)]
+                t0 = time.monotonic()
+                result = client.search(photo.read_bytes(), top_k=10)
+                latencies.append((time.monotonic() - t0) * 1000)
+                products = result.objects[-1].products
+                correct += bool(products) and products[0].product_id == product_id
+            client.close()
+
+    latencies.sort()
+    print(json.dumps({
+        "events": len(events), "photos": sum(len(e.images) for e in events), "points": points,
+        "model": args.model, "precision": args.precision, "detect": args.detect,
+        "index_seconds": round(index_s, 2), "events_per_second": round(len(events) / index_s, 1),
+        "search_ms_median": round(statistics.median(latencies), 1),
+        "search_ms_p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+        "search_ms_max": round(latencies[-1], 1),
+        "searches": len(latencies), "top1_correct": correct,
+    }))
+
+
+if __name__ == "__main__":
+    main()

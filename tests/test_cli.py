@@ -1,0 +1,105 @@
+"""The commands a user types: `lookalike up`, `index`, `search`, `status`, and one function alone.
+
+Each runs as a real subprocess, the way a person would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.service import read_stack_file
+
+pytestmark = pytest.mark.e2e
+LOOKALIKE = [sys.executable, "-m", "shared.cli"]
+
+
+def _env(data_dir: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL")}
+    env.update(LOOKALIKE_DATA_DIR=str(data_dir), EMBED_MODEL="efficientnet_lite0", DETECT_WEIGHTS="none", **extra)
+    return env
+
+
+def _run(args, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(LOOKALIKE + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def small_catalog(tmp_path):
+    from shared.sample_catalog import generate
+
+    return generate(tmp_path / "sample", n_products=4, photos_per_product=2, seed=3)
+
+
+def test_up_index_search_status_then_sigterm(tmp_path, small_catalog):
+    env = _env(tmp_path / "data")
+    # GIVEN `lookalike up` running in the background
+    up = subprocess.Popen(LOOKALIKE + ["up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while read_stack_file(tmp_path / "data") is None:
+            assert up.poll() is None, up.stdout.read()
+            assert time.monotonic() < deadline, "stack did not come up"
+            time.sleep(0.2)
+        # WHEN the user indexes a catalogue file and searches with a photo
+        index = _run(["index", str(small_catalog.catalog_path)], env)
+        assert index.returncode == 0, index.stderr
+        assert "published 4 catalogue events" in index.stdout and "indexed in" in index.stdout
+        photo, product_id = small_catalog.queries[0]
+        search = _run(["search", str(photo), "--json"], env)
+        assert search.returncode == 0, search.stderr
+        result = json.loads(search.stdout)
+        # THEN the ranked products come back with prices, the right one first
+        products = result["objects"][-1]["products"]
+        assert products[0]["product_id"] == product_id and products[0]["best_offer"]["price"] > 0
+        text = _run(["search", str(photo)], env)
+        assert product_id in text.stdout and "best" in text.stdout and "EUR" in text.stdout
+        # AND status reports topics, zero lag and the points once the stack file refreshes
+        time.sleep(2.5)
+        status = json.loads(_run(["status", "--json"], env).stdout)
+        assert status["topics"]["catalog.events"] == 4
+        assert all(sum(lag.values()) == 0 for lag in status["lag"].values())
+        assert status["store"]["points"] == 8 and status["store"]["model"] == "efficientnet_lite0"
+    finally:
+        # WHEN it gets SIGTERM THEN it stops cleanly
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, out
+    assert read_stack_file(tmp_path / "data") is None
+
+
+def test_search_without_a_running_stack_says_how_to_start_one(tmp_path):
+    result = _run(["search", "photo.jpg"], _env(tmp_path))
+    assert result.returncode != 0 and "lookalike up" in result.stderr
+
+
+def test_one_function_runs_alone_and_stops_on_sigterm(kafka_bootstrap, tmp_path):
+    # GIVEN the query function started alone, configured only by env vars
+    env = _env(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, LOG_LEVEL="INFO")
+    proc = subprocess.Popen([sys.executable, "-m", "functions.query"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if "consuming" in line or time.monotonic() > deadline:
+            break
+    assert "query: consuming query.vectors, recommend.requests as group lookalike-query" in "".join(lines)
+    # WHEN it gets SIGTERM THEN it exits cleanly
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "query: stopped" in out
+
+
+def test_function_alone_without_a_broker_says_what_to_set(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "functions.detect"], env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "KAFKA_BOOTSTRAP_SERVERS" in proc.stderr
