@@ -232,6 +232,17 @@ def test_product_image_ids(store, coll, rng):
     assert store.product_image_ids(coll, "nope") == set()
 
 
+def test_product_payloads(store, coll, rng):
+    # GIVEN a product with two images of two objects each
+    points = product_points(rng, "a", images=("x", "y"), objects=2)
+    store.upsert(coll, points + product_points(rng, "b", images=("w",)))
+    # WHEN its payloads are read THEN every point of it comes back, with its id, and nothing else
+    got = store.product_payloads(coll, "a")
+    assert sorted(p["point_id"] for p in got) == sorted(p.id for p in points)
+    assert {p["product_id"] for p in got} == {"a"} and {p["image_id"] for p in got} == {"x", "y"}
+    assert store.product_payloads(coll, "nope") == []
+
+
 def test_product_image_ids_pages_through_many_points(store, coll, rng):
     # GIVEN a product with more points than one scroll page
     store.upsert(coll, product_points(rng, "big", images=[f"i{k}" for k in range(150)], objects=3))

@@ -198,6 +198,10 @@ class VectorStore(ABC):
         """The image ids the product has points for."""
 
     @abstractmethod
+    def product_payloads(self, collection: str, product_id: str) -> list[dict]:
+        """Payload of every point of a product, each with its ``point_id`` added."""
+
+    @abstractmethod
     def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
         """Stored vectors per product (float32; cosine collections hold them unit-normalised).
 

@@ -153,6 +153,10 @@ class QdrantClientStore(VectorStore):
         records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vectors=False)
         return {r.payload["image_id"] for r in records if r.payload and "image_id" in r.payload}
 
+    def product_payloads(self, collection: str, product_id: str) -> list[dict]:
+        records = self._scroll(collection, product_conditions(product_id), None, with_vectors=False)
+        return [{**(r.payload or {}), "point_id": str(r.id)} for r in records]
+
     def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
         if not product_ids:
             return {}
@@ -166,7 +170,7 @@ class QdrantClientStore(VectorStore):
 
     # ------------------------------------------------------------------ internals
 
-    def _scroll(self, collection: str, conds: Conditions, fields: list[str], with_vectors: bool) -> Iterator[Any]:
+    def _scroll(self, collection: str, conds: Conditions, fields: list[str] | None, with_vectors: bool) -> Iterator[Any]:
         flt = _filter(conds)
         offset = None
         while True:
@@ -176,7 +180,7 @@ class QdrantClientStore(VectorStore):
                     scroll_filter=flt,
                     limit=SCROLL_PAGE,
                     offset=offset,
-                    with_payload=fields,
+                    with_payload=True if fields is None else fields,
                     with_vectors=with_vectors,
                 )
             yield from records

@@ -202,6 +202,10 @@ class EdgeStore(VectorStore):
         records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vector=False)
         return {r.payload["image_id"] for r in records if r.payload and "image_id" in r.payload}
 
+    def product_payloads(self, collection: str, product_id: str) -> list[dict]:
+        records = self._scroll(collection, product_conditions(product_id), None, with_vector=False)
+        return [{**(r.payload or {}), "point_id": str(r.id)} for r in records]
+
     def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
         if not product_ids:
             return {}
@@ -304,7 +308,7 @@ class EdgeStore(VectorStore):
             with _engine_errors(f"write {collection}"):
                 opened.shard.update(operation)
 
-    def _scroll(self, collection: str, conds: Conditions, fields: list[str], with_vector: bool) -> Iterator[Any]:
+    def _scroll(self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool) -> Iterator[Any]:
         shard = self._shard(collection).shard
         flt = _filter(conds)
         offset = None
@@ -313,7 +317,7 @@ class EdgeStore(VectorStore):
                 offset=offset,
                 limit=SCROLL_PAGE,
                 filter=flt,
-                with_payload=qe.PayloadSelector.Include(fields),
+                with_payload=True if fields is None else qe.PayloadSelector.Include(fields),
                 with_vector=with_vector,
             )
             with _engine_errors(f"scroll {collection}"):
