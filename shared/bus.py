@@ -140,8 +140,25 @@ def make_consumer(
     return consumer
 
 
+def topic_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
+    """The topic's partitions, waiting for metadata.
+
+    kafka-python answers an empty set when a metadata refresh fails (it does, now and
+    then, on a busy machine); taking that as "no partitions" would make a lag look
+    like zero or leave a consumer with nothing assigned, so ask again.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return [TopicPartition(topic, p) for p in sorted(partitions)]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no partition metadata for topic {topic!r} after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 def end_offsets(consumer: KafkaConsumer, topics: list[str]) -> dict[TopicPartition, int]:
-    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    tps = [tp for t in topics for tp in topic_partitions(consumer, t)]
     return consumer.end_offsets(tps) if tps else {}
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from shared.config import Settings
-from shared.messages import SEARCH_REQUESTS, Box, SearchFilters
+from shared.messages import Box, SearchFilters
 
 DEMO_PRODUCTS = 24
 
@@ -102,7 +102,7 @@ def cmd_status(args, settings: Settings) -> None:
         print(f"           {note}")
     print("topics     " + ", ".join(f"{t}={n}" for t, n in status["topics"].items()))
     print("lag        " + ", ".join(f"{f}={sum(v.values())}" for f, v in status["lag"].items()))
-    print("dlq        " + ", ".join(f"{t}={n}" for t, n in status["dlq"].items() if n) or "dlq        none")
+    print("dlq        " + (", ".join(f"{t}={n}" for t, n in status["dlq"].items() if n) or "none"))
 
 
 def cmd_demo(args, settings: Settings) -> None:

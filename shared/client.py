@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from pydantic import TypeAdapter
 
-from shared.bus import OffsetReader, make_producer
+from shared.bus import OffsetReader, make_producer, topic_partitions
 from shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
@@ -110,8 +110,7 @@ class Client:
         if self._results_consumer is None:
             consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
                                      fetch_max_wait_ms=50, client_id="lookalike-cli")
-            tps = [TopicPartition(SEARCH_RESULTS, p)
-                   for p in sorted(consumer.partitions_for_topic(SEARCH_RESULTS) or [])]
+            tps = topic_partitions(consumer, SEARCH_RESULTS)
             consumer.assign(tps)
             consumer.seek_to_end(*tps)
             for tp in tps:
@@ -143,7 +142,7 @@ class Client:
         """Everything in ``topic``'s DLQ, with reasons (for tests and operators)."""
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
                                  auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000))
-        tps = [TopicPartition(dlq_topic(topic), p) for p in sorted(consumer.partitions_for_topic(dlq_topic(topic)) or [])]
+        tps = topic_partitions(consumer, dlq_topic(topic))
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         out = []

@@ -25,7 +25,11 @@ class Settings(BaseSettings):
     embed_weights: str | None = None  # local weights file for the chosen model
     detect_weights: str = "auto"  # auto, none, an Ultralytics name or a local .pt/.onnx/.tflite
     detect_conf: float = 0.25
-    detect_max_objects: int = 4
+    detect_max_objects: int = 4  # searched per photo, most confident first, plus the whole image
+    # Which detector labels count as products: an allow-list (empty: every label not excluded)
+    # and a deny-list (empty: the default, people, vehicles, animals and street furniture).
+    detect_labels: str = ""
+    detect_exclude: str = ""
     distance: str = "cosine"  # cosine or euclid (a collection option)
 
     # Kafka runtime.
@@ -47,6 +51,21 @@ class Settings(BaseSettings):
 
     # Query.
     search_oversample: int = 5  # fetch top_k * this many points, then collapse to one per product
+    # Listings of the same item under different product ids (different shops) whose vectors
+    # are at least this similar (cosine) merge into one price-comparison entry; 1.0 turns it off.
+    merge_threshold: float = 0.95
+
+    def detector_labels(self) -> dict:
+        """``load_detector`` keyword arguments for the label settings."""
+        from shared.detector import NOT_PRODUCTS
+
+        def split(value: str) -> frozenset[str]:
+            return frozenset(x.strip() for x in value.split(",") if x.strip())
+
+        return {
+            "product_labels": split(self.detect_labels) or None,
+            "exclude_labels": split(self.detect_exclude) or NOT_PRODUCTS,
+        }
 
     def collection_name(self, model_id: str) -> str:
         # One collection per embedding model (and distance): vectors of two models never mix.

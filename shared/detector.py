@@ -130,12 +130,19 @@ def _find_local(name: str) -> Path | None:
     return next((p for p in candidates if p.exists()), None)
 
 
-def load_detector(weights: str, conf: float = 0.25, max_objects: int = 5) -> Detector:
+def load_detector(
+    weights: str,
+    conf: float = 0.25,
+    max_objects: int = 5,
+    product_labels: frozenset[str] | None = None,
+    exclude_labels: frozenset[str] = NOT_PRODUCTS,
+) -> Detector:
     """Detector for DETECT_WEIGHTS.
 
     "none" -> whole image only; "auto" -> yolo11n.pt if present locally, else whole image
     (logged); a model name ("yolo11n.pt") or a local model file -> YoloDetector.
     """
+    options = dict(conf=conf, max_objects=max_objects, product_labels=product_labels, exclude_labels=exclude_labels)
     weights = weights.strip()
     if weights.lower() == "none":
         return WholeImageDetector()
@@ -150,7 +157,7 @@ def load_detector(weights: str, conf: float = 0.25, max_objects: int = 5) -> Det
             )
             return WholeImageDetector()
         log.info("DETECT_WEIGHTS=auto -> %s", path)
-        return YoloDetector(str(path), conf=conf, max_objects=max_objects)
+        return YoloDetector(str(path), **options)
 
     ways_out = (
         "set DETECT_WEIGHTS=none to search whole images, "
@@ -162,7 +169,7 @@ def load_detector(weights: str, conf: float = 0.25, max_objects: int = 5) -> Det
         if not path.exists():
             raise RuntimeError(f"detector weights not found: {path}; {ways_out}")
         try:
-            return YoloDetector(str(path), conf=conf, max_objects=max_objects)
+            return YoloDetector(str(path), **options)
         except Exception as exc:  # wrong format, missing runtime (e.g. ai-edge-litert for .tflite)...
             raise RuntimeError(f"could not load detector weights {path} ({exc}); {ways_out}") from exc
 
@@ -171,13 +178,13 @@ def load_detector(weights: str, conf: float = 0.25, max_objects: int = 5) -> Det
         raise RuntimeError(f"unknown detector weights {weights!r}; {ways_out}")
     path = _find_local(weights)
     if path is not None:
-        return YoloDetector(str(path), conf=conf, max_objects=max_objects)
+        return YoloDetector(str(path), **options)
     if _offline():
         raise RuntimeError(
             f"detector weights {weights!r} are not available offline (YOLO_OFFLINE is set and no local copy "
             f"exists here or in ultralytics' weights dir); {ways_out}, or set YOLO_OFFLINE=false to download"
         )
     try:
-        return YoloDetector(weights, conf=conf, max_objects=max_objects)  # ultralytics downloads its own release assets
+        return YoloDetector(weights, **options)  # ultralytics downloads its own release assets
     except Exception as exc:
         raise RuntimeError(f"could not load detector weights {weights!r} ({exc}); {ways_out}") from exc

@@ -16,8 +16,8 @@ import warnings
 from urllib.parse import urlsplit
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pi_heif import register_heif_opener
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared.errors import PoisonMessage, TransientError
 from shared.messages import Box, ImageRef

@@ -287,6 +287,25 @@ class NormalizedImage(Message):
         return base64.b64decode(self.jpeg)
 
 
+class ProductSync(Message):
+    """Closes a catalogue event on images.normalized and images.detected.
+
+    It travels behind the event's images, keyed by product like them, so it reaches
+    embed after them: embed then drops the product's points of images not in
+    ``keep_image_ids`` (every point when empty: a delete) and applies the product's
+    payload. Images of older events still in flight can't outlive a newer event.
+    """
+
+    intent: Literal["sync"] = "sync"
+    event_id: str
+    product_id: str
+    keep_image_ids: list[str] = Field(default_factory=list)
+    product: ProductInfo | None = None  # None for a delete
+
+    def key(self) -> str:
+        return self.product_id
+
+
 class DetectedObject(BaseModel):
     model_config = ConfigDict(extra="forbid")
     box: Box
@@ -298,6 +317,10 @@ class DetectedImage(NormalizedImage):
     """images.detected: the normalised image plus its objects (the whole image is always last)."""
 
     objects: list[DetectedObject] = Field(min_length=1)
+
+
+NormalizedMessage = Annotated[NormalizedImage | ProductSync, Field(discriminator="intent")]
+DetectedMessage = Annotated[DetectedImage | ProductSync, Field(discriminator="intent")]
 
 
 class QueryObject(BaseModel):
@@ -326,17 +349,26 @@ class QueryVectors(Message):
 # --------------------------------------------------------------------------- results
 
 
+class ComparedOffer(Offer):
+    """An offer in a result, naming the listing (product id) it comes from."""
+
+    product_id: str
+
+
 class MatchedProduct(BaseModel):
+    """One result entry: a product, or several listings of the same item merged for price comparison."""
+
     model_config = ConfigDict(extra="forbid")
     product_id: str
     score: float
     title: str = ""
     category: str = ""
     brand: str = ""
-    image_id: str = ""
+    image_id: str = ""  # the image of this product that matched best
     image_url: str | None = None
-    offers: list[Offer] = Field(default_factory=list)  # sorted by price, cheapest first
-    best_offer: Offer | None = None
+    offers: list[ComparedOffer] = Field(default_factory=list)  # every listing's offers, cheapest first
+    best_offer: ComparedOffer | None = None  # cheapest in stock (cheapest at all when none is)
+    merged_product_ids: list[str] = Field(default_factory=list)  # other listings of the same item
 
 
 class ObjectResults(BaseModel):

@@ -56,6 +56,10 @@ class Resources:
         res = cls(settings)
         res.model_id = resolve_model_id(settings.embed_model)
         res.collection = settings.collection_name(res.model_id)
+        if settings.embed_model == "auto":
+            why = ("its weights were found" if res.model_id == "resnet50" else
+                   "resnet50 weights are not available offline; set EMBED_WEIGHTS or put them in torch's cache")
+            res.notes.append(f"EMBED_MODEL=auto chose {res.model_id} ({why})")
         if {"ingest", "embed", "query"} & set(names):
             res.store = open_store(settings.qdrant_url, settings.data_dir, api_key=settings.qdrant_api_key)
             res.store.ensure_collection(CollectionSpec(res.collection, REGISTRY[res.model_id].dim, settings.distance))
@@ -69,7 +73,7 @@ class Resources:
             from shared.detector import load_detector
 
             res.detector = load_detector(settings.detect_weights, conf=settings.detect_conf,
-                                         max_objects=settings.detect_max_objects)
+                                         max_objects=settings.detect_max_objects, **settings.detector_labels())
             res.notes.append(f"detector {type(res.detector).__name__} ({settings.detect_weights})")
         return res
 
@@ -86,7 +90,8 @@ class Resources:
         if name == "embed":
             return Embed(self.embedder, self.store, self.collection)
         if name == "query":
-            return Query(self.store, self.collection, self.model_id, self.settings.search_oversample)
+            return Query(self.store, self.collection, self.model_id, self.settings.search_oversample,
+                         self.settings.merge_threshold)
         raise ValueError(f"unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
 
 
@@ -125,7 +130,9 @@ class Stack:
             thread.start()
         deadline = time.monotonic() + wait_ready_s
         for runner in self.runners.values():
-            runner.ready.wait(max(0.0, deadline - time.monotonic()))
+            if not runner.ready.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("%s has no partitions after %.0f s (group still joining); it will catch up",
+                            runner.function.name, wait_ready_s)
         self.started_at = time.time()
         self.write_stack_file()
         return self

@@ -104,6 +104,7 @@ def pipeline(settings, store):
     query = Query(store, COLLECTION, "colour")
 
     def index(event):
+        """One catalogue event through ingest, detect and embed (images, then the closing sync)."""
         for e in ingest.on_catalog_event(event):
             (detected,) = detect.on_image(e.message)
             assert embed.on_batch([detected.message]) == [[]]
@@ -128,18 +129,21 @@ def test_ingest_normalises_to_capped_rgb_jpeg(pipeline):
     img.save(buf, "PNG")
     event = CatalogUpsert(product_id="png", images=[data(buf.getvalue())])
     # WHEN ingested
-    (emit,) = pipeline.ingest.on_catalog_event(event)
+    emit, sync = pipeline.ingest.on_catalog_event(event)
     # THEN it leaves as an RGB JPEG with its longest side at 640, keyed by product
     assert emit.topic == IMAGES_NORMALIZED
     out = Image.open(io.BytesIO(emit.message.jpeg_bytes()))
     assert out.format == "JPEG" and out.mode == "RGB" and out.size == (640, 320)
     assert emit.message.key() == "png" and emit.message.index.event_id == event.event_id
+    # AND a sync closes the event, on the same topic and key, naming the images to keep
+    assert sync.topic == IMAGES_NORMALIZED and sync.message.key() == "png"
+    assert sync.message.keep_image_ids == [emit.message.image_id]
 
 
 def test_ingest_applies_exif_rotation(pipeline):
     # GIVEN a landscape photo whose EXIF says "rotate 90°"
     event = CatalogUpsert(product_id="rot", images=[data(photo(size=(400, 200), exif_orientation=6))])
-    (emit,) = pipeline.ingest.on_catalog_event(event)
+    emit, _ = pipeline.ingest.on_catalog_event(event)
     # THEN the normalised image is upright (portrait)
     assert (emit.message.width, emit.message.height) == (200, 400)
 
@@ -204,8 +208,9 @@ def test_unchanged_images_update_the_payload_without_detect_or_embed(pipeline, s
     points = store.count(COLLECTION)
     # WHEN the same photos arrive with new offers
     emits = pipeline.ingest.on_catalog_event(upsert(offers=[Offer(shop="z", price=1.0)], title="renamed"))
-    # THEN nothing goes on to detection, and the stored offers and title changed in place
-    assert emits == [] and pipeline.ingest.counters["unchanged"] == 1
+    # THEN no image goes on to detection (only the closing sync), and the stored offers and title changed in place
+    assert [type(e.message).__name__ for e in emits] == ["ProductSync"]
+    assert pipeline.ingest.counters["unchanged"] == 1
     assert store.count(COLLECTION) == points
     hit = store.search(COLLECTION, ColourEmbedder().embed([Image.open(io.BytesIO(photo()))])[0], 1)[0]
     assert hit.payload["title"] == "renamed" and hit.payload["min_price"] == 1.0
@@ -222,10 +227,24 @@ def test_changed_images_replace_the_stale_points(pipeline, store):
     assert store.count(COLLECTION) == 2
 
 
+def test_images_still_in_flight_cannot_outlive_a_newer_event(pipeline, store):
+    # GIVEN photo A's event is still on its way to embed when a second event replaces A by B
+    first = pipeline.ingest.on_catalog_event(upsert(colors=[(200, 30, 30)]))
+    second = pipeline.ingest.on_catalog_event(upsert(colors=[(30, 200, 30)]))
+    third = pipeline.ingest.on_catalog_event(CatalogDelete(product_id="p1"))
+    fourth = pipeline.ingest.on_catalog_event(upsert(colors=[(30, 30, 200)]))
+    # WHEN they all reach embed afterwards, in order, in one batch
+    detected = [pipeline.detect.on_image(e.message)[0].message for e in first + second + third + fourth]
+    pipeline.embed.on_batch(detected)
+    # THEN only the last event's photo is indexed
+    (last_image,) = [e.message.image_id for e in fourth if hasattr(e.message, "image_id")]
+    assert store.product_image_ids(COLLECTION, "p1") == {last_image}
+
+
 def test_delete_removes_the_product(pipeline, store):
     pipeline.index(upsert("p1"))
     pipeline.index(upsert("p2", colors=[(30, 200, 30)]))
-    pipeline.ingest.on_catalog_event(CatalogDelete(product_id="p1"))
+    pipeline.index(CatalogDelete(product_id="p1"))
     assert store.product_image_ids(COLLECTION, "p1") == set()
     assert store.product_image_ids(COLLECTION, "p2")
 
@@ -257,7 +276,7 @@ def test_search_box_outside_the_photo_is_poison(pipeline):
 
 
 def test_embed_redelivery_overwrites_instead_of_duplicating(pipeline, store):
-    (normalized,) = pipeline.ingest.on_catalog_event(upsert())
+    normalized, _ = pipeline.ingest.on_catalog_event(upsert())
     (detected,) = pipeline.detect.on_image(normalized.message)
     pipeline.embed.on_batch([detected.message])
     pipeline.embed.on_batch([detected.message])  # the same message delivered twice
@@ -267,7 +286,7 @@ def test_embed_redelivery_overwrites_instead_of_duplicating(pipeline, store):
 
 
 def test_embed_batches_both_intents_and_isolates_a_corrupt_message(pipeline, store):
-    (index_msg,) = pipeline.ingest.on_catalog_event(upsert())
+    index_msg, _ = pipeline.ingest.on_catalog_event(upsert())
     (query_msg,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo())))
     index_det = pipeline.detect.on_image(index_msg.message)[0].message
     query_det = pipeline.detect.on_image(query_msg.message)[0].message
@@ -315,3 +334,94 @@ def test_recommend_excludes_the_history_and_follows_it(pipeline):
     assert ids[0] == "red2" and "red" not in ids
     (emit,) = pipeline.query.on_recommend(RecommendRequest(positive=["unknown"]))
     assert emit.message.status == "error" and "unknown" in emit.message.error
+
+
+# ----------------------------------------------------------------------------- search features
+
+
+def test_listings_of_the_same_item_merge_into_one_price_comparison(pipeline):
+    # GIVEN the same red mug listed by two shops under their own product ids, and a blue one
+    pipeline.index(upsert("shop1-mug", offers=[Offer(shop="one", price=10.0)]))
+    pipeline.index(upsert("shop2-mug", offers=[Offer(shop="two", price=8.0), Offer(shop="three", price=12.0)]))
+    pipeline.index(upsert("blue", colors=[(30, 30, 200)], offers=[Offer(shop="one", price=5.0)]))
+    # WHEN a shopper searches with a red photo
+    products = pipeline.search(photo((200, 30, 30))).objects[0].products
+    # THEN the two listings are one entry listing every shop's price, cheapest first
+    assert [p.product_id for p in products][:1] in (["shop1-mug"], ["shop2-mug"])
+    merged = products[0]
+    assert sorted([merged.product_id] + merged.merged_product_ids) == ["shop1-mug", "shop2-mug"]
+    assert [(o.shop, o.price, o.product_id) for o in merged.offers] == [
+        ("two", 8.0, "shop2-mug"), ("one", 10.0, "shop1-mug"), ("three", 12.0, "shop2-mug")]
+    assert merged.best_offer.shop == "two"
+    assert [p.product_id for p in products[1:]] == ["blue"]
+
+
+def test_merging_is_off_at_threshold_one(pipeline):
+    pipeline.query.merge_threshold = 1.0
+    pipeline.index(upsert("shop1-mug"))
+    pipeline.index(upsert("shop2-mug"))
+    products = pipeline.search(photo()).objects[0].products
+    assert {p.product_id for p in products} == {"shop1-mug", "shop2-mug"}
+    assert all(p.merged_product_ids == [] for p in products)
+
+
+class TwoBoxDetector:
+    """Finds the left and the right half of every photo."""
+
+    def detect(self, image):
+        w, h = image.size
+        return [DetectedObject(box=Box(x1=0, y1=0, x2=w / 2, y2=h), label="cup", score=0.9),
+                DetectedObject(box=Box(x1=w / 2, y1=0, x2=w, y2=h), label="bottle", score=0.8)]
+
+
+def test_multi_object_photo_returns_results_per_object_plus_whole_image(pipeline):
+    # GIVEN a red and a blue product, and a photo with a red left half and a blue right half
+    pipeline.index(upsert("red", colors=[(200, 30, 30)]))
+    pipeline.index(upsert("blue", colors=[(30, 30, 200)]))
+    pipeline.detect.detector = TwoBoxDetector()
+    img = Image.new("RGB", (400, 200), (200, 30, 30))
+    img.paste((30, 30, 200), (200, 0, 400, 200))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    # WHEN searching with it
+    objects = pipeline.search(buf.getvalue()).objects
+    # THEN each detected object has its own results, and the whole image comes last
+    assert [o.label for o in objects] == ["cup", "bottle", "image"]
+    assert objects[0].products[0].product_id == "red"
+    assert objects[1].products[0].product_id == "blue"
+    assert objects[2].box.as_list() == [0, 0, 400, 200]
+
+
+def test_euclid_collection_ranks_the_closest_product_first(settings, tmp_path):
+    store = EdgeStore(tmp_path / "euclid")
+    store.ensure_collection(CollectionSpec("test__euclid", DIM, "euclid"))
+    ingest = Ingest(settings, store, "test__euclid")
+    detect, embed = Detect(WholeImageDetector()), Embed(ColourEmbedder(), store, "test__euclid")
+    query = Query(store, "test__euclid", "colour")
+    for pid, color in (("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))):
+        for e in ingest.on_catalog_event(upsert(pid, colors=[color])):
+            embed.on_batch([detect.on_image(e.message)[0].message])
+    (n,) = ingest.on_search_request(SearchRequest(image=data(photo((40, 40, 190)))))
+    ((v,),) = embed.on_batch([detect.on_image(n.message)[0].message])
+    products = query.on_vectors(v.message)[0].message.objects[0].products
+    # THEN closest first: distances grow down the list
+    assert products[0].product_id == "blue"
+    assert [p.score for p in products] == sorted(p.score for p in products)
+    store.close()
+
+
+def test_recommend_applies_filters_and_pushes_away_from_negatives(pipeline):
+    pipeline.index(upsert("red", colors=[(200, 30, 30)]))
+    pipeline.index(upsert("red2", colors=[(180, 40, 40)], category="toys"))
+    pipeline.index(upsert("orange", colors=[(220, 120, 30)]))
+    pipeline.index(upsert("blue", colors=[(30, 30, 200)]))
+    pipeline.query.merge_threshold = 1.0
+    # WHEN the shopper liked red, with a category filter
+    (emit,) = pipeline.query.on_recommend(RecommendRequest(positive=["red"], filters={"categories": ["kitchen"]}))
+    ids = [p.product_id for p in emit.message.objects[0].products]
+    # THEN only kitchen products, the history itself excluded
+    assert "red2" not in ids and "red" not in ids and ids[0] == "orange"
+    # WHEN they also disliked orange THEN it is gone from the list
+    (emit,) = pipeline.query.on_recommend(RecommendRequest(positive=["red"], negative=["orange"]))
+    ids = [p.product_id for p in emit.message.objects[0].products]
+    assert "orange" not in ids and ids[0] == "red2"

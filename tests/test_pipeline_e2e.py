@@ -64,7 +64,8 @@ def test_filters_apply_inside_the_search(client, indexed, sample_catalog):
 def test_price_update_with_same_photos_skips_detect_and_embed(stack, client, indexed):
     # GIVEN an indexed product
     event = next(e for e in indexed if isinstance(e, CatalogUpsert))
-    embedded_before = stack.functions["embed"].counters["records"]
+    detected_before = stack.functions["detect"].counters["images"]
+    embedded_before = stack.functions["embed"].counters["crops"]
     unchanged_before = stack.functions["ingest"].counters["unchanged"]
     # WHEN only its offers change
     changed = event.model_copy(update={"offers": [Offer(shop="newshop", price=0.5)], "event_id": "price-1"})
@@ -72,7 +73,8 @@ def test_price_update_with_same_photos_skips_detect_and_embed(stack, client, ind
     client.wait_indexed()
     # THEN the stored payload changed and nothing was re-embedded
     assert stack.functions["ingest"].counters["unchanged"] == unchanged_before + 1
-    assert stack.functions["embed"].counters["records"] == embedded_before
+    assert stack.functions["detect"].counters["images"] == detected_before
+    assert stack.functions["embed"].counters["crops"] == embedded_before
     store, collection = stack.resources.store, stack.resources.collection
     vector = store.product_vectors(collection, [event.product_id])[event.product_id][0]
     hit = store.search(collection, vector, 1)[0]
@@ -98,7 +100,8 @@ def _jpeg(color) -> str:
 def test_poison_messages_go_to_the_dlq_and_the_pipeline_keeps_going(stack, client):
     # GIVEN a non-JSON message, an event whose image is corrupt, then a good event
     client.publish_raw(CATALOG_EVENTS, b"poison-json", b"{this is not json")
-    corrupt = CatalogUpsert(product_id="poison-image", images=[ImageRef(data=base64.b64encode(b"\xff\xd8 not a jpeg").decode())])
+    not_a_jpeg = ImageRef(data=base64.b64encode(b"\xff\xd8 not a jpeg").decode())
+    corrupt = CatalogUpsert(product_id="poison-image", images=[not_a_jpeg])
     good = CatalogUpsert(product_id="after-poison", title="Plain red card", images=[ImageRef(data=_jpeg("red"))],
                          offers=[Offer(shop="a", price=1.0)])
     client.publish(CATALOG_EVENTS, [corrupt, good])
@@ -111,3 +114,34 @@ def test_poison_messages_go_to_the_dlq_and_the_pipeline_keeps_going(stack, clien
     assert "cannot be decoded" in dlq[b"poison-image"]["reason"]
     assert dlq[b"poison-image"]["headers"]["dlq.function"] == "ingest"
     assert stack.resources.store.product_image_ids(stack.resources.collection, "after-poison")
+
+
+def test_recommendations_through_the_topic(client, indexed):
+    # GIVEN a shopper who viewed one product
+    viewed = indexed[0]
+    # WHEN asking for more like it, in stock only
+    result = client.recommend([viewed.product_id], top_k=5, filters={"in_stock": True})
+    # THEN similar products come back, not the viewed one, each with an in-stock offer
+    assert result.kind == "recommend" and result.status == "ok"
+    products = result.objects[0].products
+    assert len(products) == 5 and viewed.product_id not in {p.product_id for p in products}
+    assert all(p.best_offer.in_stock for p in products)
+
+
+def test_events_for_one_product_apply_in_order(stack, client, sample_catalog):
+    # GIVEN four quick events for one product: photo A, photo B, delete, photo C
+    photos = sorted((sample_catalog.catalog_path.parent / "images").glob("*.jpg"))[:3]
+    refs = [ImageRef(data=base64.b64encode(p.read_bytes()).decode()) for p in photos]
+    pid = "ordered-product"
+    client.publish(CATALOG_EVENTS, [
+        CatalogUpsert(product_id=pid, images=[refs[0]]),
+        CatalogUpsert(product_id=pid, images=[refs[1]]),
+        CatalogDelete(product_id=pid),
+        CatalogUpsert(product_id=pid, images=[refs[2]]),
+    ])
+    client.wait_indexed()
+    # THEN only the last event's photo is indexed for it
+    from shared.images import image_id
+
+    indexed_images = stack.resources.store.product_image_ids(stack.resources.collection, pid)
+    assert indexed_images == {image_id(photos[2].read_bytes())}

@@ -10,9 +10,9 @@ import time
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
-from shared.bus import ensure_topics, make_producer
+from shared.bus import ensure_topics, make_producer, topic_partitions
 from shared.errors import PoisonMessage, TransientError
 from shared.messages import CatalogDelete, dlq_topic
 from shared.runtime import Emit, Function, Route, Runner
@@ -48,7 +48,7 @@ def _topics(kafka_bootstrap):
 
 def _read_all(kafka_bootstrap, topic, expected, timeout_s=30):
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    tps = topic_partitions(consumer, topic)
     consumer.assign(tps)
     out, deadline = [], time.monotonic() + timeout_s
     while len(out) < expected and time.monotonic() < deadline:
@@ -76,7 +76,7 @@ def _publish(kafka_bootstrap, topic, values):
 
 def _committed(kafka_bootstrap, group, topic):
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
-    total = sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in consumer.partitions_for_topic(topic))
+    total = sum(consumer.committed(tp) or 0 for tp in topic_partitions(consumer, topic))
     consumer.close(autocommit=False)
     return total
 

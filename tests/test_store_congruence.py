@@ -121,6 +121,15 @@ def test_nearest_point_ranks_first_with_cosine(store, coll, rng):
     assert len(hits) == 5
 
 
+def test_search_returns_stored_vectors_when_asked(store, coll, rng):
+    points = [point(unit(rng), f"p{i}") for i in range(5)]
+    store.upsert(coll, points)
+    plain = store.search(coll, points[2].vector, limit=1)
+    (hit,) = store.search(coll, points[2].vector, limit=1, with_vectors=True)
+    assert plain[0].vector is None
+    assert hit.vector.dtype == np.float32 and np.allclose(hit.vector, points[2].vector, atol=1e-5)
+
+
 def test_euclid_collection_ranks_closest_first(store, rng):
     # GIVEN a euclid collection with points at known distances from the query
     store.ensure_collection(CollectionSpec("lookalike__euclid", 4, "euclid"))

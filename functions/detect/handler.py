@@ -10,7 +10,15 @@ from __future__ import annotations
 from shared.detector import Detector, whole_image_object
 from shared.errors import PoisonMessage
 from shared.images import open_jpeg
-from shared.messages import IMAGES_DETECTED, IMAGES_NORMALIZED, DetectedImage, DetectedObject, NormalizedImage
+from shared.messages import (
+    IMAGES_DETECTED,
+    IMAGES_NORMALIZED,
+    DetectedImage,
+    DetectedObject,
+    NormalizedImage,
+    NormalizedMessage,
+    ProductSync,
+)
 from shared.runtime import Emit, Function, Route
 
 
@@ -22,9 +30,12 @@ class Detect(Function):
         self.detector = detector
 
     def routes(self) -> list[Route]:
-        return [Route(IMAGES_NORMALIZED, NormalizedImage, self.on_image)]
+        return [Route(IMAGES_NORMALIZED, NormalizedMessage, self.on_image)]
 
-    def on_image(self, msg: NormalizedImage) -> list[Emit]:
+    def on_image(self, msg: NormalizedImage | ProductSync) -> list[Emit]:
+        if isinstance(msg, ProductSync):
+            return [Emit(IMAGES_DETECTED, msg)]  # passes through, keeping its place behind the images
+        self.counters["images"] += 1
         if msg.box is not None:
             objects = [DetectedObject(box=msg.box, label="selection", score=1.0)]
             self.counters["user_boxes"] += 1

@@ -14,6 +14,8 @@ from shared.messages import (
     IMAGES_DETECTED,
     QUERY_VECTORS,
     DetectedImage,
+    DetectedMessage,
+    ProductSync,
     QueryObject,
     QueryVectors,
     point_id,
@@ -32,12 +34,14 @@ class Embed(Function):
         self.collection = collection
 
     def routes(self) -> list[Route]:
-        return [Route(IMAGES_DETECTED, DetectedImage, self.on_batch, batch=True)]
+        return [Route(IMAGES_DETECTED, DetectedMessage, self.on_batch, batch=True)]
 
-    def on_batch(self, messages: list[DetectedImage]) -> list[Outcome]:
+    def on_batch(self, messages: list[DetectedImage | ProductSync]) -> list[Outcome]:
         outcomes: list[Outcome] = [[] for _ in messages]
         crops, owners = [], []
         for i, msg in enumerate(messages):
+            if isinstance(msg, ProductSync):
+                continue
             try:
                 image = open_jpeg(msg.jpeg_bytes())
             except Exception as e:
@@ -46,6 +50,7 @@ class Embed(Function):
             for obj in msg.objects:
                 crops.append(crop(image, obj.box))
                 owners.append(i)
+        # One pass through the CNN for every crop of the batch, both intents together.
         vectors = self.embedder.embed(crops) if crops else []
         self.counters["crops"] += len(crops)
 
@@ -53,20 +58,32 @@ class Embed(Function):
         for owner, vector in zip(owners, vectors):
             per_message.setdefault(owner, []).append(vector)
 
-        points: list[PointRecord] = []
+        # Store writes in message order (a sync must follow the images before it), with
+        # consecutive upserts sent as one write. Each is acknowledged before the runner
+        # commits; a crash means redelivery, which deterministic point ids make an overwrite.
+        pending: list[PointRecord] = []
         for i, msg in enumerate(messages):
-            if i not in per_message:
-                continue
-            if msg.intent == "index":
-                points.extend(self._points(msg, per_message[i]))
-            else:
+            if isinstance(msg, ProductSync):
+                self._flush(pending)
+                self._sync(msg)
+            elif i in per_message and msg.intent == "index":
+                pending.extend(self._points(msg, per_message[i]))
+            elif i in per_message:
                 outcomes[i] = [Emit(QUERY_VECTORS, self._query(msg, per_message[i]))]
+        self._flush(pending)
+        return outcomes
+
+    def _flush(self, points: list[PointRecord]) -> None:
         if points:
-            # Acknowledged before the runner commits: a crash here means redelivery, and
-            # deterministic point ids make that an overwrite.
             self.store.upsert(self.collection, points)
             self.counters["points_upserted"] += len(points)
-        return outcomes
+            points.clear()
+
+    def _sync(self, msg: ProductSync) -> None:
+        self.store.retain_product_images(self.collection, msg.product_id, msg.keep_image_ids)
+        if msg.product is not None and msg.keep_image_ids:
+            self.store.set_product_payload(self.collection, msg.product_id, msg.product.payload())
+        self.counters["syncs"] += 1
 
     def _points(self, msg: DetectedImage, vectors) -> list[PointRecord]:
         ctx = msg.index

@@ -15,12 +15,13 @@ from shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
     SEARCH_REQUESTS,
+    Box,
     CatalogDelete,
     CatalogEvent,
-    Box,
     CatalogUpsert,
     IndexContext,
     NormalizedImage,
+    ProductSync,
     QueryContext,
     SearchRequest,
 )
@@ -36,6 +37,7 @@ class Ingest(Function):
         self.settings = settings
         self.store = store
         self.collection = collection
+        store.ensure_catalog(collection)
 
     def routes(self) -> list[Route]:
         return [
@@ -50,10 +52,18 @@ class Ingest(Function):
         return image_id(raw), jpeg, w, h, scale
 
     def on_catalog_event(self, event: CatalogUpsert | CatalogDelete) -> list[Emit]:
+        """Images the product did not have go on to detection; a ``ProductSync`` closes the event.
+
+        Order per product holds end to end: everything is keyed by product id, and the
+        sync reaches embed after the images, where it drops stale points.
+        """
         if isinstance(event, CatalogDelete):
+            # Delete now (shoppers stop seeing it at once); the sync also removes any of its
+            # images still in flight when they land.
             self.store.delete_product(self.collection, event.product_id)
+            self.store.set_catalog_state(self.collection, event.product_id, None)
             self.counters["deleted"] += 1
-            return []
+            return [Emit(IMAGES_NORMALIZED, ProductSync(event_id=event.event_id, product_id=event.product_id))]
 
         # Decode every image first: one bad image makes the whole event poison, so a
         # product is never half-updated.
@@ -66,26 +76,24 @@ class Ingest(Function):
             images.setdefault(iid, (index, jpeg, w, h, ref.url))
 
         product = event.product()
-        existing = self.store.product_image_ids(self.collection, event.product_id)
-        stale = existing - images.keys()
-        if stale:
-            self.store.delete_product_images(self.collection, event.product_id, stale)
-        kept = existing & images.keys()
-        if kept:
-            # Title, offers and prices change in place: no detection, no embedding.
-            self.store.set_product_payload(self.collection, event.product_id, product.payload())
-        new = {iid: v for iid, v in images.items() if iid not in existing}
+        previous = self.store.catalog_state(self.collection, event.product_id) or set()
+        new = {iid: v for iid, v in images.items() if iid not in previous}
         if not new:
+            # Title, offers and prices change in place now: no detection, no embedding.
+            self.store.set_product_payload(self.collection, event.product_id, product.payload())
             self.counters["unchanged"] += 1
-            return []
+        self.store.set_catalog_state(self.collection, event.product_id, images.keys())
         self.counters["images_out"] += len(new)
-        return [
+        emits = [
             Emit(IMAGES_NORMALIZED, NormalizedImage(
                 intent="index", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h,
                 index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url),
             ))
             for iid, (index, jpeg, w, h, url) in new.items()
         ]
+        sync = ProductSync(event_id=event.event_id, product_id=event.product_id,
+                           keep_image_ids=sorted(images), product=product)
+        return emits + [Emit(IMAGES_NORMALIZED, sync)]
 
     def on_search_request(self, request: SearchRequest) -> list[Emit]:
         iid, jpeg, w, h, scale = self._normalize(request.image)

@@ -16,9 +16,9 @@ from shared.messages import (
     QUERY_VECTORS,
     RECOMMEND_REQUESTS,
     SEARCH_RESULTS,
+    ComparedOffer,
     MatchedProduct,
     ObjectResults,
-    Offer,
     QueryVectors,
     RecommendRequest,
     SearchFilters,
@@ -28,31 +28,60 @@ from shared.runtime import Emit, Function, Route
 from shared.stores import Hit, VectorStore
 
 
-def collapse(hits: list[Hit], top_k: int) -> list[MatchedProduct]:
-    """One entry per product, in hit order (hits come best first)."""
-    products: dict[str, MatchedProduct] = {}
+def _offers(payload: dict) -> list[ComparedOffer]:
+    return [ComparedOffer(**o, product_id=payload["product_id"]) for o in payload.get("offers") or []]
+
+
+def _price_sorted(offers: list[ComparedOffer]) -> tuple[list[ComparedOffer], ComparedOffer | None]:
+    offers = sorted(offers, key=lambda o: o.price)
+    return offers, next((o for o in offers if o.in_stock), offers[0] if offers else None)
+
+
+def collapse(hits: list[Hit], top_k: int, merge_threshold: float = 1.0) -> list[MatchedProduct]:
+    """One entry per product, in hit order (hits come best first).
+
+    A product whose best-matching vector is at least ``merge_threshold`` similar
+    (cosine) to that of an entry already kept is another shop's listing of the same
+    item: its offers join that entry's price comparison instead of taking a place.
+    """
+    entries: list[MatchedProduct] = []
+    anchors: list = []  # the best-matching vector of each entry, for duplicate detection
+    seen: set[str] = set()
     for hit in hits:
         p = hit.payload
         pid = p.get("product_id")
-        if pid is None or pid in products:
+        if pid is None or pid in seen:
             continue
-        offers = sorted((Offer(**o) for o in p.get("offers") or []), key=lambda o: o.price)
-        best = next((o for o in offers if o.in_stock), offers[0] if offers else None)
-        products[pid] = MatchedProduct(
+        seen.add(pid)
+        duplicate_of = None
+        if merge_threshold < 1.0 and hit.vector is not None:
+            for entry, anchor in zip(entries, anchors):
+                if float(np.dot(anchor, hit.vector)) >= merge_threshold:
+                    duplicate_of = entry
+                    break
+        if duplicate_of is not None:
+            duplicate_of.merged_product_ids.append(pid)
+            duplicate_of.offers, duplicate_of.best_offer = _price_sorted(duplicate_of.offers + _offers(p))
+            continue
+        if len(entries) == top_k:
+            continue  # still scan the rest: later hits may be listings of kept entries
+        offers, best = _price_sorted(_offers(p))
+        entries.append(MatchedProduct(
             product_id=pid, score=hit.score, title=p.get("title", ""), category=p.get("category", ""),
             brand=p.get("brand", ""), image_id=p.get("image_id", ""), image_url=p.get("image_url"),
             offers=offers, best_offer=best,
-        )
-        if len(products) == top_k:
-            break
-    return list(products.values())
+        ))
+        anchors.append(hit.vector)
+    return entries
 
 
 class Query(Function):
     name = "query"
 
-    def __init__(self, store: VectorStore, collection: str, model_id: str, oversample: int = 5):
+    def __init__(self, store: VectorStore, collection: str, model_id: str, oversample: int = 5,
+                 merge_threshold: float = 0.95):
         super().__init__()
+        self.merge_threshold = merge_threshold
         self.store = store
         self.collection = collection
         self.model_id = model_id
@@ -65,8 +94,9 @@ class Query(Function):
         ]
 
     def _search(self, vector, top_k: int, filters: SearchFilters, exclude=()) -> list[MatchedProduct]:
-        hits = self.store.search(self.collection, vector, top_k * self.oversample, filters, exclude)
-        return collapse(hits, top_k)
+        merge = self.merge_threshold < 1.0
+        hits = self.store.search(self.collection, vector, top_k * self.oversample, filters, exclude, with_vectors=merge)
+        return collapse(hits, top_k, self.merge_threshold)
 
     def on_vectors(self, msg: QueryVectors) -> list[Emit]:
         if msg.model != self.model_id:

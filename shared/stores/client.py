@@ -137,6 +137,7 @@ class QdrantClientStore(VectorStore):
         limit: int,
         filters: SearchFilters | None = None,
         exclude_product_ids: Collection[str] = (),
+        with_vectors: bool = False,
     ) -> list[Hit]:
         conds = search_conditions(filters, exclude_product_ids)
         with self._errors(collection):
@@ -146,8 +147,11 @@ class QdrantClientStore(VectorStore):
                 limit=limit,
                 query_filter=_filter(conds) if conds else None,
                 with_payload=True,
+                with_vectors=with_vectors,
             ).points
-        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {}) for p in found]
+        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {},
+                    vector=numpy.asarray(_plain_vector(p.vector), dtype=numpy.float32) if with_vectors else None)
+                for p in found]
 
     def product_image_ids(self, collection: str, product_id: str) -> set[str]:
         records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vectors=False)
@@ -170,7 +174,9 @@ class QdrantClientStore(VectorStore):
 
     # ------------------------------------------------------------------ internals
 
-    def _scroll(self, collection: str, conds: Conditions, fields: list[str] | None, with_vectors: bool) -> Iterator[Any]:
+    def _scroll(
+        self, collection: str, conds: Conditions, fields: list[str] | None, with_vectors: bool
+    ) -> Iterator[Any]:
         flt = _filter(conds)
         offset = None
         while True:

@@ -184,6 +184,7 @@ class EdgeStore(VectorStore):
         limit: int,
         filters: SearchFilters | None = None,
         exclude_product_ids: Collection[str] = (),
+        with_vectors: bool = False,
     ) -> list[Hit]:
         opened = self._shard(collection)
         conds = search_conditions(filters, exclude_product_ids)
@@ -192,11 +193,14 @@ class EdgeStore(VectorStore):
             query=qe.Query.Nearest(as_vector(vector, opened.spec.dim)),
             filter=_filter(conds) if conds else None,
             with_payload=True,
+            with_vector=with_vectors,
         )
         with _engine_errors(f"search {collection}"):
             found = opened.shard.query(request)
         # Ids come back as uuid.UUID: hand out the canonical string like the client does.
-        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {}) for p in found]
+        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {},
+                    vector=numpy.asarray(_plain_vector(p.vector), dtype=numpy.float32) if with_vectors else None)
+                for p in found]
 
     def product_image_ids(self, collection: str, product_id: str) -> set[str]:
         records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vector=False)
@@ -308,7 +312,9 @@ class EdgeStore(VectorStore):
             with _engine_errors(f"write {collection}"):
                 opened.shard.update(operation)
 
-    def _scroll(self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool) -> Iterator[Any]:
+    def _scroll(
+        self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool
+    ) -> Iterator[Any]:
         shard = self._shard(collection).shard
         flt = _filter(conds)
         offset = None

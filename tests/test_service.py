@@ -1,0 +1,34 @@
+"""Start-up wiring: what the process decides from its settings, and says about it."""
+
+from __future__ import annotations
+
+from shared.config import Settings
+from shared.service import Resources
+
+
+def test_auto_model_says_which_model_it_chose_and_why(tmp_path, monkeypatch):
+    # GIVEN no resnet50 weights anywhere and no network
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("LOOKALIKE_ALLOW_DOWNLOAD", "0")
+    monkeypatch.delenv("EMBED_WEIGHTS", raising=False)
+    # WHEN the functions start with EMBED_MODEL=auto
+    res = Resources.load(Settings(LOOKALIKE_DATA_DIR=str(tmp_path), embed_model="auto"), ("ingest",))
+    # THEN efficientnet_lite0 is used, in its own collection, and the reason is recorded for `lookalike status`
+    assert res.model_id == "efficientnet_lite0" and res.collection == "lookalike__efficientnet_lite0"
+    assert any("auto chose efficientnet_lite0" in n and "resnet50 weights" in n for n in res.notes)
+    res.store.close()
+
+
+def test_detector_label_settings(tmp_path):
+    from shared.detector import NOT_PRODUCTS
+
+    default = Settings(LOOKALIKE_DATA_DIR=str(tmp_path)).detector_labels()
+    assert default == {"product_labels": None, "exclude_labels": NOT_PRODUCTS}
+    custom = Settings(LOOKALIKE_DATA_DIR=str(tmp_path), detect_labels="cup, bottle", detect_exclude="person").detector_labels()
+    assert custom == {"product_labels": frozenset({"cup", "bottle"}), "exclude_labels": frozenset({"person"})}
+
+
+def test_euclid_distance_gets_its_own_collection(tmp_path):
+    cosine = Settings(LOOKALIKE_DATA_DIR=str(tmp_path))
+    euclid = Settings(LOOKALIKE_DATA_DIR=str(tmp_path), distance="euclid")
+    assert cosine.collection_name("resnet50") != euclid.collection_name("resnet50")
