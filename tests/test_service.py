@@ -24,7 +24,8 @@ def test_detector_label_settings(tmp_path):
 
     default = Settings(LOOKALIKE_DATA_DIR=str(tmp_path)).detector_labels()
     assert default == {"product_labels": None, "exclude_labels": NOT_PRODUCTS}
-    custom = Settings(LOOKALIKE_DATA_DIR=str(tmp_path), detect_labels="cup, bottle", detect_exclude="person").detector_labels()
+    custom = Settings(LOOKALIKE_DATA_DIR=str(tmp_path), detect_labels="cup, bottle", detect_exclude="person")
+    custom = custom.detector_labels()
     assert custom == {"product_labels": frozenset({"cup", "bottle"}), "exclude_labels": frozenset({"person"})}
 
 
