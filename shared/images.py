@@ -116,6 +116,15 @@ def normalize(raw: bytes, max_side: int, max_pixels: int, quality: int = 90) -> 
     return out.getvalue(), img.width, img.height, img.width / source_width
 
 
+def thumbnail(jpeg: bytes, side: int, quality: int = 75) -> bytes:
+    """A small JPEG of a normalised image, for result cards."""
+    img = open_jpeg(jpeg)
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 def open_jpeg(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
+THUMBNAIL_SIDE = 160
 
 # Topic names, in pipeline order. ``<topic>.dlq`` holds that topic's poison messages.
 CATALOG_EVENTS = "catalog.events"
@@ -239,6 +240,7 @@ class IndexContext(BaseModel):
     product: ProductInfo
     image_index: int = Field(ge=0)
     image_url: str | None = None
+    thumbnail: str | None = None  # base64 JPEG, longest side THUMBNAIL_SIDE: result pages show it
 
 
 class QueryContext(BaseModel):

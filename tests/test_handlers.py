@@ -135,6 +135,9 @@ def test_ingest_normalises_to_capped_rgb_jpeg(pipeline):
     out = Image.open(io.BytesIO(emit.message.jpeg_bytes()))
     assert out.format == "JPEG" and out.mode == "RGB" and out.size == (640, 320)
     assert emit.message.key() == "png" and emit.message.index.event_id == event.event_id
+    # AND it carries a small thumbnail for result pages
+    thumb = Image.open(io.BytesIO(base64.b64decode(emit.message.index.thumbnail)))
+    assert thumb.format == "JPEG" and max(thumb.size) == 160
     # AND a sync closes the event, on the same topic and key, naming the images to keep
     assert sync.topic == IMAGES_NORMALIZED and sync.message.key() == "png"
     assert sync.message.keep_image_ids == [emit.message.image_id]
@@ -281,6 +284,8 @@ def test_embed_redelivery_overwrites_instead_of_duplicating(pipeline, store):
     pipeline.embed.on_batch([detected.message])
     pipeline.embed.on_batch([detected.message])  # the same message delivered twice
     assert store.count(COLLECTION) == 1
+    (payload,) = store.product_payloads(COLLECTION, "p1")
+    assert payload["thumbnail"] == normalized.message.index.thumbnail and payload["image_id"]
     expected = point_id("p1", normalized.message.image_id, 0)
     assert store.search(COLLECTION, store.product_vectors(COLLECTION, ["p1"])["p1"][0], 1)[0].id == expected
 

@@ -97,6 +97,7 @@ class Embed(Function):
                     "image_id": msg.image_id,
                     "image_index": ctx.image_index,
                     "image_url": ctx.image_url,
+                    "thumbnail": ctx.thumbnail,
                     "object_index": k,
                     "box": obj.box.as_list(),
                     "label": obj.label,

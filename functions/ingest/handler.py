@@ -10,11 +10,12 @@ import base64
 
 from shared.config import Settings
 from shared.errors import PoisonMessage
-from shared.images import image_id, load_source, normalize
+from shared.images import image_id, load_source, normalize, thumbnail
 from shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
     SEARCH_REQUESTS,
+    THUMBNAIL_SIDE,
     Box,
     CatalogDelete,
     CatalogEvent,
@@ -87,7 +88,8 @@ class Ingest(Function):
         emits = [
             Emit(IMAGES_NORMALIZED, NormalizedImage(
                 intent="index", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h,
-                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url),
+                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url,
+                                   thumbnail=base64.b64encode(thumbnail(jpeg, THUMBNAIL_SIDE)).decode()),
             ))
             for iid, (index, jpeg, w, h, url) in new.items()
         ]
