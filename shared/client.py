@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kafka import KafkaConsumer
 from pydantic import TypeAdapter
@@ -15,12 +17,14 @@ from shared.bus import OffsetReader, make_producer, topic_partitions
 from shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
+    CATALOG_INDEXED,
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
     SEARCH_RESULTS,
     CatalogEvent,
+    CatalogIndexed,
     CatalogUpsert,
     ImageRef,
     Message,
@@ -58,6 +62,26 @@ def read_catalog(path: Path) -> list[Message]:
     return events
 
 
+@dataclass
+class IndexReport:
+    """What the pipeline did with a batch of catalogue events (counted from its own reports)."""
+
+    published: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {"indexed": 0, "unchanged": 0, "deleted": 0})
+    dead_lettered: list[tuple[str, str]] = field(default_factory=list)  # (product id, reason)
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> int:
+        return sum(self.outcomes.values()) + len(self.dead_lettered)
+
+    def summary(self) -> str:
+        parts = [f"{n} {name}" for name, n in self.outcomes.items()] + [f"{len(self.dead_lettered)} dead-lettered"]
+        lines = [f"{', '.join(parts)} in {self.seconds:.1f} s"]
+        lines += [f"  dead-lettered {pid}: {reason}" for pid, reason in self.dead_lettered]
+        return "\n".join(lines)
+
+
 class Client:
     def __init__(self, bootstrap_servers: str):
         self.bootstrap_servers = bootstrap_servers
@@ -87,6 +111,61 @@ class Client:
 
     def publish_raw(self, topic: str, key: bytes, value: bytes) -> None:
         self.producer.send(topic, key=key, value=value).get(timeout=30)
+
+    def index(self, events: list[Message], progress: Callable[[IndexReport], None] | None = None,
+              timeout_s: float = 1800.0) -> IndexReport:
+        """Publish catalogue events and follow each to its end: applied (catalog.indexed) or dead-lettered.
+
+        Progress comes from what the pipeline finished, not from what was published:
+        embed reports every event it applied, and a poison event is matched in
+        catalog.events.dlq by its source partition and offset.
+        """
+        report = IndexReport()
+        start = time.monotonic()
+        watcher = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
+                                fetch_max_wait_ms=50, client_id="lookalike-cli")
+        try:
+            tps = topic_partitions(watcher, CATALOG_INDEXED) + topic_partitions(watcher, dlq_topic(CATALOG_EVENTS))
+            watcher.assign(tps)
+            watcher.seek_to_end(*tps)
+            for tp in tps:
+                watcher.position(tp)  # before publishing: every report we need comes after this
+            send = self.producer.send
+            futures = [(e, send(CATALOG_EVENTS, key=e.key().encode(), value=e.to_bytes())) for e in events]
+            self.producer.flush(timeout=60)
+            by_event: dict[str, int] = collections.Counter()
+            by_source: dict[str, Message] = {}
+            for event, future in futures:
+                meta = future.get(timeout=30)
+                by_event[event.event_id] += 1
+                by_source[f"{CATALOG_EVENTS}[{meta.partition}]@{meta.offset}"] = event
+            report.published = len(futures)
+            while report.finished < report.published:
+                if time.monotonic() - start > timeout_s:
+                    missing = report.published - report.finished
+                    raise TimeoutError(f"{missing} events not finished after {timeout_s:.0f} s")
+                for tp, records in watcher.poll(timeout_ms=200).items():
+                    for r in records:
+                        self._account(report, r, tp.topic == CATALOG_INDEXED, by_event, by_source)
+                report.seconds = time.monotonic() - start
+                if progress:
+                    progress(report)
+        finally:
+            watcher.close(autocommit=False)
+        return report
+
+    @staticmethod
+    def _account(report: IndexReport, record, applied: bool, by_event, by_source) -> None:
+        if applied:
+            done = CatalogIndexed.model_validate_json(record.value)
+            if by_event.get(done.event_id, 0) > 0:
+                by_event[done.event_id] -= 1
+                report.outcomes[done.outcome] += 1
+            return
+        headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
+        event = by_source.pop(headers.get("dlq.source", ""), None)
+        if event is not None:
+            report.dead_lettered.append((event.product_id, headers.get("dlq.reason", "")))
 
     def index_lag(self) -> int:
         """Catalogue work not yet finished: stage by stage, so a zero means all done."""

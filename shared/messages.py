@@ -26,6 +26,7 @@ IMAGES_NORMALIZED = "images.normalized"
 IMAGES_DETECTED = "images.detected"
 QUERY_VECTORS = "query.vectors"
 SEARCH_RESULTS = "search.results"
+CATALOG_INDEXED = "catalog.indexed"
 ALL_TOPICS = (
     CATALOG_EVENTS,
     SEARCH_REQUESTS,
@@ -34,6 +35,7 @@ ALL_TOPICS = (
     IMAGES_DETECTED,
     QUERY_VECTORS,
     SEARCH_RESULTS,
+    CATALOG_INDEXED,
 )
 
 
@@ -303,6 +305,8 @@ class ProductSync(Message):
     product_id: str
     keep_image_ids: list[str] = Field(default_factory=list)
     product: ProductInfo | None = None  # None for a delete
+    outcome: Literal["indexed", "unchanged", "deleted"] = "indexed"
+    new_images: int = 0
 
     def key(self) -> str:
         return self.product_id
@@ -319,6 +323,19 @@ class DetectedImage(NormalizedImage):
     """images.detected: the normalised image plus its objects (the whole image is always last)."""
 
     objects: list[DetectedObject] = Field(min_length=1)
+
+
+class CatalogIndexed(Message):
+    """catalog.indexed: a catalogue event is fully applied to the store (progress and audit)."""
+
+    event_id: str
+    product_id: str
+    outcome: Literal["indexed", "unchanged", "deleted"]
+    new_images: int = 0  # images that went through detect and embed
+    images: int = 0  # images the product has after the event
+
+    def key(self) -> str:
+        return self.product_id
 
 
 NormalizedMessage = Annotated[NormalizedImage | ProductSync, Field(discriminator="intent")]

@@ -104,10 +104,16 @@ def pipeline(settings, store):
     query = Query(store, COLLECTION, "colour")
 
     def index(event):
-        """One catalogue event through ingest, detect and embed (images, then the closing sync)."""
+        """One catalogue event through ingest, detect and embed (images, then the closing sync).
+
+        Returns what embed reports on catalog.indexed for the event."""
+        reports = []
         for e in ingest.on_catalog_event(event):
             (detected,) = detect.on_image(e.message)
-            assert embed.on_batch([detected.message]) == [[]]
+            (outcome,) = embed.on_batch([detected.message])
+            reports += [emit.message for emit in outcome]
+        assert all(r.event_id == event.event_id for r in reports)
+        return reports
 
     def search(raw, **kw):
         (normalized,) = ingest.on_search_request(SearchRequest(image=data(raw), **kw))
@@ -207,7 +213,8 @@ def _literal_only(host, port, *args, **kwargs):
 
 def test_unchanged_images_update_the_payload_without_detect_or_embed(pipeline, store):
     # GIVEN an indexed product
-    pipeline.index(upsert())
+    (report,) = pipeline.index(upsert())
+    assert (report.outcome, report.new_images, report.images) == ("indexed", 1, 1)
     points = store.count(COLLECTION)
     # WHEN the same photos arrive with new offers
     emits = pipeline.ingest.on_catalog_event(upsert(offers=[Offer(shop="z", price=1.0)], title="renamed"))
@@ -247,7 +254,8 @@ def test_images_still_in_flight_cannot_outlive_a_newer_event(pipeline, store):
 def test_delete_removes_the_product(pipeline, store):
     pipeline.index(upsert("p1"))
     pipeline.index(upsert("p2", colors=[(30, 200, 30)]))
-    pipeline.index(CatalogDelete(product_id="p1"))
+    (report,) = pipeline.index(CatalogDelete(product_id="p1"))
+    assert report.outcome == "deleted"
     assert store.product_image_ids(COLLECTION, "p1") == set()
     assert store.product_image_ids(COLLECTION, "p2")
 

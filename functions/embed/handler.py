@@ -11,8 +11,10 @@ from shared.embedders import Embedder
 from shared.errors import PoisonMessage
 from shared.images import crop, open_jpeg
 from shared.messages import (
+    CATALOG_INDEXED,
     IMAGES_DETECTED,
     QUERY_VECTORS,
+    CatalogIndexed,
     DetectedImage,
     DetectedMessage,
     ProductSync,
@@ -65,7 +67,7 @@ class Embed(Function):
         for i, msg in enumerate(messages):
             if isinstance(msg, ProductSync):
                 self._flush(pending)
-                self._sync(msg)
+                outcomes[i] = [Emit(CATALOG_INDEXED, self._sync(msg))]
             elif i in per_message and msg.intent == "index":
                 pending.extend(self._points(msg, per_message[i]))
             elif i in per_message:
@@ -79,11 +81,14 @@ class Embed(Function):
             self.counters["points_upserted"] += len(points)
             points.clear()
 
-    def _sync(self, msg: ProductSync) -> None:
+    def _sync(self, msg: ProductSync) -> CatalogIndexed:
+        """Close a catalogue event: drop stale points, apply the payload, report it done."""
         self.store.retain_product_images(self.collection, msg.product_id, msg.keep_image_ids)
         if msg.product is not None and msg.keep_image_ids:
             self.store.set_product_payload(self.collection, msg.product_id, msg.product.payload())
         self.counters["syncs"] += 1
+        return CatalogIndexed(event_id=msg.event_id, product_id=msg.product_id, outcome=msg.outcome,
+                              new_images=msg.new_images, images=len(msg.keep_image_ids))
 
     def _points(self, msg: DetectedImage, vectors) -> list[PointRecord]:
         ctx = msg.index

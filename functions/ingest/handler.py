@@ -64,7 +64,8 @@ class Ingest(Function):
             self.store.delete_product(self.collection, event.product_id)
             self.store.set_catalog_state(self.collection, event.product_id, None)
             self.counters["deleted"] += 1
-            return [Emit(IMAGES_NORMALIZED, ProductSync(event_id=event.event_id, product_id=event.product_id))]
+            sync = ProductSync(event_id=event.event_id, product_id=event.product_id, outcome="deleted")
+            return [Emit(IMAGES_NORMALIZED, sync)]
 
         # Decode every image first: one bad image makes the whole event poison, so a
         # product is never half-updated.
@@ -93,8 +94,8 @@ class Ingest(Function):
             ))
             for iid, (index, jpeg, w, h, url) in new.items()
         ]
-        sync = ProductSync(event_id=event.event_id, product_id=event.product_id,
-                           keep_image_ids=sorted(images), product=product)
+        sync = ProductSync(event_id=event.event_id, product_id=event.product_id, keep_image_ids=sorted(images),
+                           product=product, outcome="indexed" if new else "unchanged", new_images=len(new))
         return emits + [Emit(IMAGES_NORMALIZED, sync)]
 
     def on_search_request(self, request: SearchRequest) -> list[Emit]:
