@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,6 +147,20 @@ def product_conditions(product_ids: str | Sequence[str], image_ids: Collection[s
     return Conditions(must=tuple(must))
 
 
+def plain_vector(vector: Any) -> Any:
+    """The default (unnamed) vector comes back as a list; a dict would mean named vectors."""
+    return vector[""] if isinstance(vector, dict) else vector
+
+
+def to_hits(found: Sequence[Any], with_vectors: bool) -> list[Hit]:
+    """Engine results as ``Hit``s; ids as canonical strings (Edge returns uuid.UUID)."""
+    return [
+        Hit(id=str(p.id), score=p.score, payload=p.payload or {},
+            vector=numpy.asarray(plain_vector(p.vector), dtype=numpy.float32) if with_vectors else None)
+        for p in found
+    ]
+
+
 def as_vector(vector: Any, dim: int | None = None) -> list[float]:
     """A flat list of floats (what both engines take), checked against ``dim`` when known."""
     flat = numpy.asarray(vector, dtype=numpy.float32).reshape(-1)
@@ -195,9 +209,10 @@ class VectorStore(ABC):
     def set_product_payload(self, collection: str, product_id: str, payload: dict) -> None:
         """Merge ``payload`` into every point of the product (vectors untouched)."""
 
-    @abstractmethod
     def product_image_ids(self, collection: str, product_id: str) -> set[str]:
-        """The image ids the product has points for."""
+        """Image ids that have points for this product."""
+        records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vector=False)
+        return {r.payload["image_id"] for r in records if r.payload and "image_id" in r.payload}
 
     # -------------------------------------------------------------- built on the primitives
 
@@ -237,15 +252,26 @@ class VectorStore(ABC):
         )
         self.upsert(self._catalog(collection), [record])
 
-    @abstractmethod
     def product_payloads(self, collection: str, product_id: str) -> list[dict]:
         """Payload of every point of a product, each with its ``point_id`` added."""
+        records = self._scroll(collection, product_conditions(product_id), None, with_vector=False)
+        return [{**(r.payload or {}), "point_id": str(r.id)} for r in records]
 
-    @abstractmethod
     def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
         """Stored vectors per product (float32; cosine collections hold them unit-normalised).
 
         Products without points are absent from the result.
+        """
+        if not product_ids:
+            return {}
+        records = self._scroll(collection, product_conditions(product_ids), ["product_id"], with_vector=True)
+        return group_vectors([(r.payload["product_id"], plain_vector(r.vector)) for r in records])
+
+    @abstractmethod
+    def _scroll(self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool) -> Iterator[Any]:
+        """Every point matching ``conds`` (records with ``id``, ``payload``, ``vector``), page by page.
+
+        ``fields``: payload keys to return (None: all of them).
         """
 
     @abstractmethod

@@ -9,7 +9,6 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import httpx
-import numpy
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
@@ -27,9 +26,9 @@ from shared.stores.base import (
     Range,
     VectorStore,
     as_vector,
-    group_vectors,
     product_conditions,
     search_conditions,
+    to_hits,
 )
 
 try:  # grpc comes with qdrant-client; only used if someone turns prefer_grpc on
@@ -149,23 +148,7 @@ class QdrantClientStore(VectorStore):
                 with_payload=True,
                 with_vectors=with_vectors,
             ).points
-        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {},
-                    vector=numpy.asarray(_plain_vector(p.vector), dtype=numpy.float32) if with_vectors else None)
-                for p in found]
-
-    def product_image_ids(self, collection: str, product_id: str) -> set[str]:
-        records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vectors=False)
-        return {r.payload["image_id"] for r in records if r.payload and "image_id" in r.payload}
-
-    def product_payloads(self, collection: str, product_id: str) -> list[dict]:
-        records = self._scroll(collection, product_conditions(product_id), None, with_vectors=False)
-        return [{**(r.payload or {}), "point_id": str(r.id)} for r in records]
-
-    def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
-        if not product_ids:
-            return {}
-        records = self._scroll(collection, product_conditions(product_ids), ["product_id"], with_vectors=True)
-        return group_vectors([(r.payload["product_id"], _plain_vector(r.vector)) for r in records])
+        return to_hits(found, with_vectors)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,7 +158,7 @@ class QdrantClientStore(VectorStore):
     # ------------------------------------------------------------------ internals
 
     def _scroll(
-        self, collection: str, conds: Conditions, fields: list[str] | None, with_vectors: bool
+        self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool
     ) -> Iterator[Any]:
         flt = _filter(conds)
         offset = None
@@ -187,7 +170,7 @@ class QdrantClientStore(VectorStore):
                     limit=SCROLL_PAGE,
                     offset=offset,
                     with_payload=True if fields is None else fields,
-                    with_vectors=with_vectors,
+                    with_vectors=with_vector,
                 )
             yield from records
             if offset is None:
@@ -243,7 +226,3 @@ def _filter(conds: Conditions) -> models.Filter:
         must_not=[_condition(c) for c in conds.must_not] or None,
     )
 
-
-def _plain_vector(vector: Any) -> Any:
-    # The default (unnamed) vector comes back as a list; a dict would mean named vectors.
-    return vector[""] if isinstance(vector, dict) else vector

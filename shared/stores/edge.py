@@ -45,9 +45,9 @@ from shared.stores.base import (
     Range,
     VectorStore,
     as_vector,
-    group_vectors,
     product_conditions,
     search_conditions,
+    to_hits,
 )
 
 SPEC_FILE = "lookalike-collection.json"
@@ -197,24 +197,7 @@ class EdgeStore(VectorStore):
         )
         with _engine_errors(f"search {collection}"):
             found = opened.shard.query(request)
-        # Ids come back as uuid.UUID: hand out the canonical string like the client does.
-        return [Hit(id=str(p.id), score=p.score, payload=p.payload or {},
-                    vector=numpy.asarray(_plain_vector(p.vector), dtype=numpy.float32) if with_vectors else None)
-                for p in found]
-
-    def product_image_ids(self, collection: str, product_id: str) -> set[str]:
-        records = self._scroll(collection, product_conditions(product_id), ["image_id"], with_vector=False)
-        return {r.payload["image_id"] for r in records if r.payload and "image_id" in r.payload}
-
-    def product_payloads(self, collection: str, product_id: str) -> list[dict]:
-        records = self._scroll(collection, product_conditions(product_id), None, with_vector=False)
-        return [{**(r.payload or {}), "point_id": str(r.id)} for r in records]
-
-    def product_vectors(self, collection: str, product_ids: Sequence[str]) -> dict[str, list[numpy.ndarray]]:
-        if not product_ids:
-            return {}
-        records = self._scroll(collection, product_conditions(product_ids), ["product_id"], with_vector=True)
-        return group_vectors([(r.payload["product_id"], _plain_vector(r.vector)) for r in records])
+        return to_hits(found, with_vectors)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -351,7 +334,3 @@ def _filter(conds: Conditions) -> Any:
         must_not=[_condition(c) for c in conds.must_not] or None,
     )
 
-
-def _plain_vector(vector: Any) -> Any:
-    # The default (unnamed) vector comes back as a list; a dict would mean named vectors.
-    return vector[""] if isinstance(vector, dict) else vector
