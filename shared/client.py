@@ -18,6 +18,7 @@ from shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
     CATALOG_INDEXED,
+    FUNCTION_INPUTS,
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     RECOMMEND_REQUESTS,
@@ -234,15 +235,10 @@ class Client:
         return out
 
     def status(self) -> dict:
-        groups = {
-            "ingest": [CATALOG_EVENTS, SEARCH_REQUESTS],
-            "detect": [IMAGES_NORMALIZED],
-            "embed": [IMAGES_DETECTED],
-            "query": ["query.vectors", RECOMMEND_REQUESTS],
-        }
         return {
             "topics": self.offsets.sizes(list(ALL_TOPICS)),
-            "lag": {name: self.offsets.lag(f"lookalike-{name}", topics) for name, topics in groups.items()},
+            "lag": {name: self.offsets.lag(f"lookalike-{name}", list(topics))
+                    for name, topics in FUNCTION_INPUTS.items()},
             "dlq": self.offsets.sizes([dlq_topic(t) for t in ALL_TOPICS]),
         }
 

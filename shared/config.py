@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     # are at least this similar (cosine) merge into one price-comparison entry; 1.0 turns it off.
     merge_threshold: float = 0.95
 
+    # Gateway (web page and HTTP API; `lookalike up` starts it).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080  # 0: any free port
+    gateway_timeout_s: float = 30.0  # a search without an answer by then gets 504
+
     def detector_labels(self) -> dict:
         """``load_detector`` keyword arguments for the label settings."""
         from shared.detector import NOT_PRODUCTS

@@ -289,8 +289,69 @@ REGISTRY: dict[str, EmbedderSpec] = {
 }
 
 
+# --- fine-tuned models (``lookalike finetune``): a directory holding model.json + model.pt
+
+
+def models_dir() -> Path:
+    """Where fine-tuned models are looked up by id: $LOOKALIKE_MODELS_DIR, else $LOOKALIKE_DATA_DIR/models."""
+    explicit = os.environ.get("LOOKALIKE_MODELS_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("LOOKALIKE_DATA_DIR", "data")).expanduser() / "models"
+
+
+def register_model_dir(directory: str | Path) -> EmbedderSpec:
+    """Read a fine-tuned model directory (``model.json`` + weights) and add it to REGISTRY."""
+    import json
+
+    directory = Path(directory).expanduser().resolve()
+    manifest = json.loads((directory / "model.json").read_text())
+    model_id = manifest["id"]
+    if model_id in ("auto", "efficientnet_lite0", "resnet50", "resnet18"):
+        raise ValueError(f"{directory}: a fine-tuned model cannot take the built-in id {model_id!r}")
+    weights = directory / manifest.get("weights", "model.pt")
+
+    def architecture() -> torch.nn.Module:
+        from shared.finetune import build_finetuned
+
+        return build_finetuned(manifest, None)
+
+    def build(path: Path) -> torch.nn.Module:
+        from shared.finetune import build_finetuned
+
+        return build_finetuned(manifest, path)
+
+    spec = EmbedderSpec(
+        id=model_id,
+        dim=int(manifest["dim"]),
+        preprocessing=Preprocessing(**{**manifest["preprocessing"],
+                                       "mean": tuple(manifest["preprocessing"]["mean"]),
+                                       "std": tuple(manifest["preprocessing"]["std"])}),
+        weights_source=f"fine-tuned from {manifest.get('base')} by `lookalike finetune` ({directory})",
+        build=build,
+        architecture=architecture,
+        packaged_weights=lambda: weights,
+        install_hint=f"the fine-tuned weights belong at {weights}",
+    )
+    REGISTRY[model_id] = spec
+    return spec
+
+
+def _find_finetuned(model_id: str) -> EmbedderSpec | None:
+    """A model directory given as a path, or ``models_dir()/<id>``; registered on the way."""
+    candidates = [Path(model_id).expanduser()] if ("/" in model_id or os.sep in model_id) else []
+    candidates.append(models_dir() / model_id)
+    for directory in candidates:
+        if (directory / "model.json").is_file():
+            return register_model_dir(directory)
+    return None
+
+
 def resolve_model_id(model_id: str) -> str:
-    """Known id -> itself; "auto" -> resnet50 when its weights are here (no network), else efficientnet_lite0."""
+    """Known id -> itself; "auto" -> resnet50 when its weights are here (no network), else efficientnet_lite0.
+
+    A fine-tuned model resolves from its directory path or from ``models_dir()/<id>`` to its id.
+    """
     if model_id == "auto":
         try:
             path = REGISTRY["resnet50"].find_weights(allow_download=False)
@@ -300,7 +361,11 @@ def resolve_model_id(model_id: str) -> str:
         log.info("embedder auto -> resnet50 (weights found at %s)", path)
         return "resnet50"
     if model_id not in REGISTRY:
-        raise ValueError(f"unknown embedder {model_id!r}; known: auto, {', '.join(sorted(REGISTRY))}")
+        spec = _find_finetuned(model_id)
+        if spec is not None:
+            return spec.id
+        raise ValueError(f"unknown embedder {model_id!r}; known: auto, {', '.join(sorted(REGISTRY))}, "
+                         f"or a fine-tuned model directory (model.json) / an id under {models_dir()}")
     return model_id
 
 

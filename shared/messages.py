@@ -38,6 +38,14 @@ ALL_TOPICS = (
     CATALOG_INDEXED,
 )
 
+# Each function's input topics (its consumer group is lookalike-<function>).
+FUNCTION_INPUTS = {
+    "ingest": (CATALOG_EVENTS, SEARCH_REQUESTS),
+    "detect": (IMAGES_NORMALIZED,),
+    "embed": (IMAGES_DETECTED,),
+    "query": (QUERY_VECTORS, RECOMMEND_REQUESTS),
+}
+
 
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"

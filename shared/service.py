@@ -98,9 +98,11 @@ class Resources:
 class Stack:
     """Broker (unless KAFKA_BOOTSTRAP_SERVERS is set), store and functions in one process."""
 
-    def __init__(self, settings: Settings | None = None, names: tuple[str, ...] = FUNCTIONS):
+    def __init__(self, settings: Settings | None = None, names: tuple[str, ...] = FUNCTIONS, gateway: bool = False):
         self.settings = settings or Settings()
         self.names = names
+        self.with_gateway = gateway  # also serve the web page and HTTP API (gateway/) on GATEWAY_HOST:GATEWAY_PORT
+        self.gateway = None
         self.broker: TansuBroker | None = None
         self.resources: Resources | None = None
         self.functions: dict[str, Function] = {}
@@ -133,6 +135,16 @@ class Stack:
             if not runner.ready.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("%s has no partitions after %.0f s (group still joining); it will catch up",
                             runner.function.name, wait_ready_s)
+        if self.with_gateway:
+            from gateway.app import create_app
+            from gateway.server import GatewayServer
+
+            try:
+                app = create_app(self.bootstrap_servers, self.resources.store, self.resources.collection, s)
+                self.gateway = GatewayServer(app, s.gateway_host, s.gateway_port).start()
+            except Exception:
+                self.stop()  # don't leave the broker and the functions running behind a failed start
+                raise
         self.started_at = time.time()
         self.write_stack_file()
         return self
@@ -144,6 +156,7 @@ class Stack:
             "model": self.resources.model_id,
             "collection": self.resources.collection,
             "store": self.resources.store.backend if self.resources.store else None,
+            "gateway": self.gateway.url if self.gateway else None,
             "points": self.resources.store.count(self.resources.collection) if self.resources.store else None,
             "notes": self.resources.notes,
             "counters": {name: dict(fn.counters) for name, fn in self.functions.items()},
@@ -155,6 +168,8 @@ class Stack:
         tmp.replace(path)
 
     def stop(self) -> None:
+        if self.gateway:
+            self.gateway.stop()
         for runner in self.runners.values():
             runner.stop()
         for thread in self.threads:

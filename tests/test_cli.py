@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shared.service import read_stack_file
@@ -23,7 +24,8 @@ LOOKALIKE = [sys.executable, "-m", "shared.cli"]
 
 def _env(data_dir: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL")}
-    env.update(LOOKALIKE_DATA_DIR=str(data_dir), EMBED_MODEL="efficientnet_lite0", DETECT_WEIGHTS="none", **extra)
+    env.update(LOOKALIKE_DATA_DIR=str(data_dir), EMBED_MODEL="efficientnet_lite0", DETECT_WEIGHTS="none",
+               GATEWAY_PORT="0", **extra)
     return env
 
 
@@ -51,7 +53,9 @@ def test_up_index_search_status_then_sigterm(tmp_path, small_catalog):
         # WHEN the user indexes a catalogue file and searches with a photo
         index = _run(["index", str(small_catalog.catalog_path)], env)
         assert index.returncode == 0, index.stderr
-        assert "published 4 catalogue events" in index.stdout and "indexed in" in index.stdout
+        # THEN the summary counts what the pipeline finished, and a progress bar went to stderr
+        assert "4 indexed, 0 unchanged, 0 deleted, 0 dead-lettered" in index.stdout
+        assert "4/4" in index.stderr
         photo, product_id = small_catalog.queries[0]
         search = _run(["search", str(photo), "--json"], env)
         assert search.returncode == 0, search.stderr
@@ -61,17 +65,33 @@ def test_up_index_search_status_then_sigterm(tmp_path, small_catalog):
         assert products[0]["product_id"] == product_id and products[0]["best_offer"]["price"] > 0
         text = _run(["search", str(photo)], env)
         assert product_id in text.stdout and "best" in text.stdout and "EUR" in text.stdout
+        # WHEN the same file is indexed again, plus a product whose photo is corrupt
+        lines = small_catalog.catalog_path.read_text().splitlines()
+        (small_catalog.catalog_path.parent / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        broken = json.loads(lines[0]) | {"product_id": "broken", "images": [{"path": "broken.jpg"}]}
+        again = small_catalog.catalog_path.parent / "again.jsonl"
+        again.write_text("\n".join(lines + [json.dumps(broken)]) + "\n")
+        index = _run(["index", str(again), "--quiet"], env)
+        # THEN nothing is re-embedded, the broken one is reported with its reason, and the exit code says so
+        assert index.returncode == 2
+        assert "0 indexed, 4 unchanged, 0 deleted, 1 dead-lettered" in index.stdout
+        assert "dead-lettered broken: image 0 of product broken: image cannot be decoded" in index.stdout
         # AND status reports topics, zero lag and the points once the stack file refreshes
         time.sleep(2.5)
         status = json.loads(_run(["status", "--json"], env).stdout)
-        assert status["topics"]["catalog.events"] == 4
+        assert status["topics"]["catalog.events"] == 9 and status["dlq"]["catalog.events.dlq"] == 1
         assert all(sum(lag.values()) == 0 for lag in status["lag"].values())
         assert status["store"]["points"] == 8 and status["store"]["model"] == "efficientnet_lite0"
+        # AND the web page's gateway answers at the URL `up` printed (also in the stack file)
+        gateway = read_stack_file(tmp_path / "data")["gateway"]
+        health = httpx.get(gateway + "healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["store"]["points"] == 8
     finally:
         # WHEN it gets SIGTERM THEN it stops cleanly
         up.send_signal(signal.SIGTERM)
         out, _ = up.communicate(timeout=60)
     assert up.returncode == 0, out
+    assert f"web page: {gateway}" in out
     assert read_stack_file(tmp_path / "data") is None
 
 

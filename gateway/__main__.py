@@ -1,0 +1,29 @@
+"""Run the gateway alone: ``python -m gateway`` (distributed mode, configured by env vars).
+
+Needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL (a Qdrant server: Qdrant Edge allows one
+process per shard, and in the embedded mode `lookalike up` serves the gateway itself).
+"""
+
+import uvicorn
+
+from gateway.app import create_app
+from shared.config import Settings
+from shared.embedders import resolve_model_id
+from shared.service import setup_logging
+from shared.stores import open_store
+
+
+def main() -> None:
+    setup_logging()
+    settings = Settings()
+    if not settings.kafka_bootstrap_servers or not settings.qdrant_url:
+        raise SystemExit("the gateway alone needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL "
+                         "(or use `lookalike up`, which serves it in the embedded stack)")
+    store = open_store(settings.qdrant_url, settings.data_dir, api_key=settings.qdrant_api_key)
+    collection = settings.collection_name(resolve_model_id(settings.embed_model))
+    app = create_app(settings.kafka_bootstrap_servers, store, collection, settings)
+    uvicorn.run(app, host=settings.gateway_host, port=settings.gateway_port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""The HTTP gateway: shoppers search by photo from a browser, operators check health.
+
+Requests become messages on the pipeline's topics; answers come back on
+``search.results``. One :class:`ResultsListener` per app reads every partition of
+``search.results`` (positioned at the end when it starts) and hands each record to
+the request waiting for its key (the request id). A request registers *before* it
+publishes, so its answer can't arrive unseen; on timeout it unregisters (504), and an
+answer that arrives later finds nobody waiting and is dropped.
+
+Coordinates: ``box`` (request) and every object box in a search response are in
+pixels of the uploaded photo after EXIF rotation (``image.width``/``image.height`` of
+the response). The pipeline works on the photo scaled to ``IMAGE_MAX_SIDE``; the
+gateway converts its boxes back with ``image.scale``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from kafka import KafkaConsumer
+from PIL import Image
+from pydantic import BaseModel, Field, ValidationError
+
+from shared.bus import OffsetReader, make_producer, topic_partitions
+from shared.config import Settings
+from shared.errors import PoisonMessage
+from shared.images import decode
+from shared.messages import (
+    FUNCTION_INPUTS,
+    RECOMMEND_REQUESTS,
+    SEARCH_REQUESTS,
+    SEARCH_RESULTS,
+    Box,
+    ImageRef,
+    RecommendRequest,
+    SearchFilters,
+    SearchRequest,
+    SearchResult,
+)
+from shared.stores import VectorStore
+
+log = logging.getLogger("lookalike.gateway")
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Each function's consumer group and the topics it reads (lag per function in /healthz).
+# Multipart overhead allowed on top of the photo itself before the body is refused unread.
+FORM_OVERHEAD = 64 * 1024
+# Types that may carry a photo; browsers send application/octet-stream for unknown extensions.
+ACCEPTED_TYPES = ("image/", "application/octet-stream")
+
+
+class GatewayTimeout(Exception):
+    pass
+
+
+class _Waiter:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: bytes | None = None
+
+
+class ResultsListener:
+    """Reads search.results from its end and hands each record to the request waiting for its key."""
+
+    def __init__(self, bootstrap_servers: str):
+        self.bootstrap_servers = bootstrap_servers
+        self._waiting: dict[bytes, _Waiter] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: KafkaConsumer | None = None
+        self.dropped = 0  # answers nobody waited for any more (timed out) or for another gateway
+
+    def start(self) -> "ResultsListener":
+        with self._lock:
+            if self._thread is not None:
+                return self
+            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
+                                     fetch_max_wait_ms=50, client_id="lookalike-gateway")
+            tps = topic_partitions(consumer, SEARCH_RESULTS)
+            consumer.assign(tps)
+            consumer.seek_to_end(*tps)
+            for tp in tps:
+                consumer.position(tp)  # resolve "end" now, before any request is published
+            self._consumer = consumer
+            self._thread = threading.Thread(target=self._run, name="gateway-results", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batches = self._consumer.poll(timeout_ms=100)
+            except Exception as e:  # broker hiccup: keep listening, requests time out meanwhile
+                log.warning("reading %s failed: %s", SEARCH_RESULTS, e)
+                self._stop.wait(0.5)
+                continue
+            for records in batches.values():
+                for r in records:
+                    with self._lock:
+                        waiter = self._waiting.get(r.key)
+                        if waiter is None:
+                            self.dropped += 1
+                            continue
+                        waiter.value = r.value
+                    waiter.event.set()
+        self._consumer.close(autocommit=False)
+
+    def register(self, request_id: str) -> _Waiter:
+        waiter = _Waiter()
+        with self._lock:
+            self._waiting[request_id.encode()] = waiter
+        return waiter
+
+    def unregister(self, request_id: str) -> None:
+        with self._lock:
+            self._waiting.pop(request_id.encode(), None)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+class Gateway:
+    """What the endpoints share: producer, results listener, offsets reader, store."""
+
+    def __init__(self, bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings):
+        self.bootstrap_servers = bootstrap_servers
+        self.store = store
+        self.collection = collection
+        self.settings = settings
+        self.timeout_s = settings.gateway_timeout_s
+        self.listener = ResultsListener(bootstrap_servers)
+        self._producer = None
+        self._offsets: OffsetReader | None = None
+        self._lock = threading.Lock()
+        self._offsets_lock = threading.Lock()
+
+    @property
+    def producer(self):
+        with self._lock:
+            if self._producer is None:
+                self._producer = make_producer(self.bootstrap_servers, client_id="lookalike-gateway")
+            return self._producer
+
+    def request(self, topic: str, message: SearchRequest | RecommendRequest) -> SearchResult:
+        """Publish ``message`` and wait for its answer (registered first, unregistered always)."""
+        self.listener.start()
+        waiter = self.listener.register(message.request_id)
+        try:
+            try:
+                self.producer.send(topic, key=message.key().encode(), value=message.to_bytes()).get(timeout=10)
+            except Exception as e:
+                raise HTTPException(503, f"could not publish to {topic}: {e}") from None
+            if not waiter.event.wait(self.timeout_s):
+                raise GatewayTimeout(f"no answer from the pipeline within {self.timeout_s:g} s "
+                                     f"(request {message.request_id}); is `lookalike up` running?")
+            return SearchResult.model_validate_json(waiter.value)
+        finally:
+            self.listener.unregister(message.request_id)
+
+    def health(self) -> tuple[bool, dict]:
+        out: dict[str, Any] = {"pending_requests": self.listener.pending()}
+        healthy = True
+        try:
+            with self._offsets_lock:
+                if self._offsets is None:
+                    self._offsets = OffsetReader(self.bootstrap_servers)
+                out["lag"] = {name: sum(self._offsets.lag(f"lookalike-{name}", list(topics)).values())
+                              for name, topics in FUNCTION_INPUTS.items()}
+            out["broker"] = {"ok": True, "bootstrap_servers": self.bootstrap_servers}
+        except Exception as e:
+            healthy = False
+            out["broker"] = {"ok": False, "error": str(e) or type(e).__name__}
+        try:
+            out["store"] = {"ok": True, "backend": self.store.backend, "collection": self.collection,
+                            "points": self.store.count(self.collection)}
+        except Exception as e:
+            healthy = False
+            out["store"] = {"ok": False, "error": str(e) or type(e).__name__}
+        out["status"] = "ok" if healthy else "unavailable"
+        return healthy, out
+
+    def close(self) -> None:
+        self.listener.stop()
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close(timeout=10)
+                self._producer = None
+        with self._offsets_lock:
+            if self._offsets is not None:
+                self._offsets.close()
+                self._offsets = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def image_url(product_id: str, image_id: str) -> str:
+    return f"/api/products/{quote(product_id, safe='')}/images/{quote(image_id, safe='')}.jpg"
+
+
+def _parse_box(text: str | None, width: int, height: int) -> Box | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        values = json.loads(text) if text.strip().startswith(("[", "{")) else [float(v) for v in text.split(",")]
+        box = Box(**values) if isinstance(values, dict) else Box(x1=values[0], y1=values[1], x2=values[2],
+                                                                 y2=values[3]) if len(values) == 4 else None
+    except (ValueError, TypeError, IndexError, ValidationError) as e:
+        raise HTTPException(400, f"box must be x1,y1,x2,y2 in pixels of the photo with x2 > x1 and y2 > y1: {e}")
+    if box is None:
+        raise HTTPException(400, "box must have exactly four numbers: x1,y1,x2,y2")
+    if box.x1 >= width or box.y1 >= height or box.x2 <= 0 or box.y2 <= 0:
+        raise HTTPException(400, f"box {box.as_list()} lies outside the {width}x{height} photo")
+    return box
+
+
+def _parse_filters(text: str | None) -> SearchFilters:
+    if text is None or not text.strip():
+        return SearchFilters()
+    try:
+        return SearchFilters.model_validate_json(text)
+    except ValidationError as e:
+        raise HTTPException(400, f"filters: {_errors(e)}") from None
+
+
+def _parse_top_k(text: str | None) -> int:
+    if text is None or not str(text).strip():
+        return 10
+    try:
+        top_k = int(text)
+    except ValueError:
+        raise HTTPException(400, f"top_k must be an integer, got {text!r}") from None
+    if not 1 <= top_k <= 100:
+        raise HTTPException(400, f"top_k must be between 1 and 100, got {top_k}")
+    return top_k
+
+
+def _errors(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+
+
+def _check_photo(raw: bytes, settings: Settings) -> tuple[int, int]:
+    """The photo's (width, height) after EXIF rotation; 413/400 with a reason when it isn't acceptable."""
+    if len(raw) > settings.max_image_bytes:
+        raise HTTPException(413, f"photo is {len(raw)} bytes, more than the limit of {settings.max_image_bytes}")
+    try:
+        with Image.open(io.BytesIO(raw)) as probe:
+            pixels = probe.width * probe.height
+    except Image.DecompressionBombError as e:
+        raise HTTPException(413, f"photo has too many pixels: {e}") from None
+    except Exception as e:
+        raise HTTPException(400, f"photo cannot be decoded: {e}") from None
+    if pixels > settings.max_image_pixels:
+        raise HTTPException(413, f"photo has {probe.width}x{probe.height} pixels, more than the limit of "
+                                 f"{settings.max_image_pixels}")
+    try:
+        img = decode(raw, settings.max_image_pixels)
+    except PoisonMessage as e:
+        raise HTTPException(400, f"photo: {e}") from None
+    return img.width, img.height
+
+
+def _enrich(result: SearchResult, scale: float = 1.0) -> dict:
+    """The SearchResult as JSON, with thumbnail URLs and boxes in pixels of the uploaded photo."""
+    out = jsonable_encoder(result.model_dump(exclude_none=False))
+    for obj in out["objects"]:
+        if obj.get("box"):
+            obj["box"] = {k: round(v / scale, 1) for k, v in obj["box"].items()}
+        for p in obj["products"]:
+            p["thumbnail_url"] = image_url(p["product_id"], p["image_id"]) if p.get("image_id") else None
+    return out
+
+
+class RecommendBody(BaseModel):
+    positive: list[str] = Field(min_length=1, max_length=50, description="product ids the shopper liked/viewed")
+    negative: list[str] = Field(default_factory=list, max_length=50, description="product ids to move away from")
+    top_k: int = Field(default=10, ge=1, le=100)
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(bootstrap_servers: str, store: VectorStore, collection: str,
+               settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    gw = Gateway(bootstrap_servers, store, collection, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            gw.listener.start()
+        except Exception as e:  # the broker may come later; requests start the listener again
+            log.warning("results listener not started: %s", e)
+        yield
+        gw.close()
+
+    app = FastAPI(title="lookalike gateway", version="0.1.0", lifespan=lifespan,
+                  description="Search a product catalogue by photo; price comparison across shops.")
+    app.state.gateway = gw
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": reasons}, status_code=400)
+
+    @app.exception_handler(GatewayTimeout)
+    async def _timeout(request: Request, exc: GatewayTimeout):
+        return JSONResponse({"detail": str(exc)}, status_code=504)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        # Refuse an oversized upload from its Content-Length, before the body is read.
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() \
+                and int(length) > settings.max_image_bytes + FORM_OVERHEAD:
+            return JSONResponse({"detail": f"request body is {length} bytes; photos may have at most "
+                                           f"{settings.max_image_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.post("/api/search", summary="Search by photo", responses={
+        400: {"description": "undecodable photo, bad box/filters/top_k"}, 413: {"description": "photo too large"},
+        415: {"description": "not an image"}, 504: {"description": "the pipeline did not answer in time"}})
+    def search(photo: UploadFile = File(..., description="the shopper's photo (JPEG, PNG, WebP, HEIC...)"),
+               box: str | None = Form(None, description="x1,y1,x2,y2 in pixels of the photo: search only there"),
+               filters: str | None = Form(None, description='SearchFilters as JSON, e.g. {"categories":["drinks"]}'),
+               top_k: str | None = Form(None, description="results per object, 1-100 (default 10)")) -> dict:
+        """Publishes a search request and returns the pipeline's answer.
+
+        Boxes (given and returned) are in pixels of the uploaded photo after EXIF rotation.
+        """
+        ctype = (photo.content_type or "").lower()
+        if ctype and not ctype.startswith(ACCEPTED_TYPES):
+            raise HTTPException(415, f"upload a photo (image/*), not {ctype}")
+        raw = photo.file.read(settings.max_image_bytes + 1)
+        width, height = _check_photo(raw, settings)
+        scale = min(1.0, settings.image_max_side / max(width, height))
+        request = SearchRequest(image=ImageRef(data=base64.b64encode(raw).decode()),
+                                box=_parse_box(box, width, height), top_k=_parse_top_k(top_k),
+                                filters=_parse_filters(filters))
+        start = time.monotonic()
+        result = gw.request(SEARCH_REQUESTS, request)
+        if result.status != "ok":
+            raise HTTPException(422, result.error or "the search failed")
+        out = _enrich(result, scale)
+        out["image"] = {"width": width, "height": height, "scale": scale}
+        out["took_ms"] = round((time.monotonic() - start) * 1000)
+        return out
+
+    @app.post("/api/recommend", summary="More like these products", responses={
+        400: {"description": "bad request"}, 422: {"description": "none of the products is indexed"},
+        504: {"description": "the pipeline did not answer in time"}})
+    def recommend(body: RecommendBody) -> dict:
+        request = RecommendRequest(positive=body.positive, negative=body.negative, top_k=body.top_k,
+                                   filters=body.filters)
+        start = time.monotonic()
+        result = gw.request(RECOMMEND_REQUESTS, request)
+        if result.status != "ok":
+            raise HTTPException(422, result.error or "the recommendation failed")
+        out = _enrich(result)
+        out["took_ms"] = round((time.monotonic() - start) * 1000)
+        return out
+
+    @app.get("/api/products/{product_id:path}/images/{image_id}.jpg", summary="A product image's thumbnail",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: {}})
+    def product_image(product_id: str, image_id: str) -> Response:
+        for payload in store.product_payloads(collection, product_id):
+            if payload.get("image_id") == image_id and payload.get("thumbnail"):
+                try:
+                    jpeg = base64.b64decode(payload["thumbnail"], validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+                return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+        raise HTTPException(404, f"no thumbnail for image {image_id} of product {product_id}")
+
+    @app.get("/api/products/{product_id:path}", summary="A product: catalogue fields, offers, images")
+    def product(product_id: str) -> dict:
+        payloads = store.product_payloads(collection, product_id)
+        if not payloads:
+            raise HTTPException(404, f"product {product_id} is not indexed")
+        first = payloads[0]
+        images: dict[str, dict] = {}
+        for p in sorted(payloads, key=lambda p: (p.get("image_index", 0), p.get("point_id"))):
+            iid = p.get("image_id")
+            if iid and iid not in images:
+                images[iid] = {"image_id": iid, "image_url": p.get("image_url"),
+                               "thumbnail_url": image_url(product_id, iid) if p.get("thumbnail") else None}
+        return {
+            "product_id": product_id,
+            **{k: first.get(k) for k in ("title", "category", "brand", "min_price", "shops", "in_stock")},
+            "offers": sorted(first.get("offers") or [], key=lambda o: o["price"]),
+            "images": list(images.values()),
+            "points": len(payloads),
+        }
+
+    @app.get("/healthz", summary="Broker, store and each function's consumer lag")
+    def healthz() -> JSONResponse:
+        healthy, body = gw.health()
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

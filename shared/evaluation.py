@@ -1,0 +1,414 @@
+"""Retrieval quality: Recall@K and mAP@10 of catalogue-to-photo search.
+
+    lookalike eval --gallery G.csv --queries Q.csv [--model ID] [--precision fp32|bf16]
+                   [--mode direct|pipeline] [--detect WEIGHTS|none] [--json]
+
+CSV files have a header and columns ``path,label``. Every gallery image is indexed as
+an image of the product named by its label (one product per label); every query photo
+is searched and the result is read as a ranking of **distinct products** (hits are
+collapsed to one entry per product, best hit wins, as the query function does).
+
+* ``recall@K``: fraction of queries whose label is among the top-K products.
+* ``map@10``: mean average precision over the top 10 products. With exactly one relevant
+  product per query this equals MRR truncated at 10 (1/rank of the right product, 0 when
+  it is not in the top 10).
+* A query whose label has no gallery image still counts (as a miss).
+
+Modes:
+
+* ``direct``: in-process. Images are embedded with ``load_embedder(model, precision)``
+  and ranked by exact cosine similarity (numpy; per product the best gallery image), which
+  is what an exact vector search followed by the query function's collapse returns. With
+  ``--detect WEIGHTS`` every image (gallery and query) is replaced by its most confident
+  detection crop (product labels only, as in the pipeline), or kept whole when nothing
+  is detected.
+* ``pipeline``: through the real stack (Tansu, ingest/detect/embed/query, Qdrant Edge) in a
+  temporary data dir. Gallery images are published as ``CatalogUpsert`` events, one per
+  label (a label with more images than an event may carry is split into ``label#2``,
+  ``label#3``..., which count as the label when scoring). Each query goes through
+  ``Client.search``; the products of all its searched objects (detections + whole image)
+  are merged by best score into one ranking; listings the query function merged into one
+  entry (``MERGE_THRESHOLD``) share that entry's score.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("lookalike.evaluation")
+
+KS = (1, 5, 10)
+SPLIT_MARK = "#"  # label#2: the second event of one label in pipeline mode
+
+
+def read_labelled_csv(path: str | Path) -> list[tuple[Path, str]]:
+    """Rows of a ``path,label`` CSV (header required); relative paths are relative to the CSV."""
+    path = Path(path)
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= {h.strip() for h in reader.fieldnames}:
+            raise ValueError(f"{path}: expected a header with columns path,label, got {reader.fieldnames}")
+        for row in reader:
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if not row["path"]:
+                continue
+            p = Path(row["path"]).expanduser()
+            if not p.is_absolute():
+                p = path.parent / p
+            rows.append((p, row["label"]))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def ranking_metrics(rankings: Sequence[Sequence[str]], truth: Sequence[str], k_max: int = 10) -> dict:
+    """Recall@1/5/10 and mAP@10 from per-query rankings of distinct products (best first)."""
+    n = len(truth)
+    hits = {k: 0 for k in KS}
+    ap = 0.0
+    for ranking, label in zip(rankings, truth, strict=True):
+        top = list(dict.fromkeys(ranking))[:k_max]  # distinct, in order
+        if label in top:
+            rank = top.index(label) + 1
+            ap += 1.0 / rank
+            for k in KS:
+                hits[k] += rank <= k
+    out = {f"recall@{k}": hits[k] / n if n else 0.0 for k in KS}
+    out["map@10"] = ap / n if n else 0.0
+    out["queries"] = n
+    return out
+
+
+def product_rankings(gallery: np.ndarray, gallery_labels: Sequence[str], queries: np.ndarray,
+                     k: int = 10, exclude_self: bool = False) -> list[list[str]]:
+    """Top-k distinct products per query: cosine (rows are unit norm), best gallery image per product."""
+    products = sorted(set(gallery_labels))
+    col = {p: i for i, p in enumerate(products)}
+    g_idx = np.array([col[lab] for lab in gallery_labels])
+    sims = queries.astype(np.float32) @ gallery.astype(np.float32).T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    per_product = np.full((len(queries), len(products)), -np.inf, dtype=np.float32)
+    for j in range(len(products)):
+        cols = sims[:, g_idx == j]
+        if cols.shape[1]:
+            per_product[:, j] = cols.max(axis=1)
+    order = np.argsort(-per_product, axis=1, kind="stable")[:, :k]
+    return [[products[j] for j in row if np.isfinite(per_product[i, j])] for i, row in enumerate(order)]
+
+
+def retrieval_metrics(gallery: np.ndarray, gallery_labels: Sequence[str], queries: np.ndarray,
+                      query_labels: Sequence[str], exclude_self: bool = False) -> dict:
+    rankings = product_rankings(gallery, gallery_labels, queries, exclude_self=exclude_self)
+    return ranking_metrics(rankings, query_labels)
+
+
+# --------------------------------------------------------------------------- direct mode
+
+
+def _load_images(paths: Sequence[Path]):
+    from PIL import Image, ImageOps
+
+    for p in paths:
+        with Image.open(p) as im:
+            yield ImageOps.exif_transpose(im).convert("RGB")
+
+
+def top_boxes(paths: Sequence[Path], detector) -> list[tuple[int, int, int, int] | None]:
+    """The most confident product detection of each image (pixels), None when nothing is detected."""
+    out = []
+    for im in _load_images(paths):
+        objects = detector.detect(im)
+        b = objects[0].box if objects else None
+        out.append((int(b.x1), int(b.y1), int(round(b.x2)), int(round(b.y2))) if b is not None else None)
+    return out
+
+
+def embed_paths(embedder, paths: Sequence[Path], boxes: Sequence | None = None, chunk: int = 64) -> np.ndarray:
+    """Embeddings of the images (of their ``boxes`` crops where given)."""
+    rows = []
+    for s in range(0, len(paths), chunk):
+        images = list(_load_images(paths[s : s + chunk]))
+        if boxes is not None:
+            images = [im.crop(b) if b is not None else im for im, b in zip(images, boxes[s : s + chunk], strict=True)]
+        rows.append(embedder.embed(images))
+    return np.concatenate(rows) if rows else np.zeros((0, embedder.dim), np.float32)
+
+
+def evaluate_direct(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path, str]],
+                    model_id: str = "efficientnet_lite0", precision: str = "fp32",
+                    detect_weights: str = "none", embedder=None, detector=None) -> dict:
+    """Embed in-process and rank by exact cosine; see the module docstring."""
+    from shared.embedders import load_embedder
+
+    t0 = time.monotonic()
+    if embedder is None:
+        embedder = load_embedder(model_id, device="cpu", precision=precision)
+    if detector is None and detect_weights.strip().lower() != "none":
+        from shared.detector import load_detector
+
+        detector = load_detector(detect_weights)
+    g_paths, q_paths = [p for p, _ in gallery], [p for p, _ in queries]
+    g_boxes = top_boxes(g_paths, detector) if detector is not None else None
+    q_boxes = top_boxes(q_paths, detector) if detector is not None else None
+    g = embed_paths(embedder, g_paths, g_boxes)
+    q = embed_paths(embedder, q_paths, q_boxes)
+    result = retrieval_metrics(g, [lab for _, lab in gallery], q, [lab for _, lab in queries])
+    result.update(model=embedder.spec.id,
+                  mode="direct", precision=embedder.precision, detect=detect_weights,
+                  gallery=len(gallery), products=len({lab for _, lab in gallery}),
+                  seconds=round(time.monotonic() - t0, 1))
+    return result
+
+
+# --------------------------------------------------------------------------- pipeline mode
+
+
+def gallery_events(gallery: Sequence[tuple[Path, str]], max_images: int):
+    """One CatalogUpsert per label (chunks of ``max_images`` become label#2, label#3...)."""
+    import base64
+
+    from shared.messages import CatalogUpsert
+
+    by_label: dict[str, list[Path]] = {}
+    for p, lab in gallery:
+        by_label.setdefault(lab, []).append(p)
+    events = []
+    for lab, paths in by_label.items():
+        for n, s in enumerate(range(0, len(paths), max_images)):
+            pid = lab if n == 0 else f"{lab}{SPLIT_MARK}{n + 1}"
+            images = [{"data": base64.b64encode(p.read_bytes()).decode()} for p in paths[s : s + max_images]]
+            events.append(CatalogUpsert.model_validate({"product_id": pid, "title": lab, "images": images}))
+    return events
+
+
+def _max_images() -> int:
+    from shared.messages import CatalogUpsert
+
+    field = CatalogUpsert.model_fields["images"]
+    for meta in field.metadata:
+        if getattr(meta, "max_length", None):
+            return int(meta.max_length)
+    return 20
+
+
+def evaluate_pipeline(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path, str]],
+                      model_id: str = "efficientnet_lite0", precision: str = "fp32",
+                      detect_weights: str = "none", timeout_s: float = 3600.0) -> dict:
+    """Index the gallery through the real topics and functions, then search every query."""
+    import os
+    import tempfile
+
+    from shared.client import Client
+    from shared.config import Settings
+    from shared.messages import CATALOG_EVENTS
+    from shared.service import Stack
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
+        env = {"LOOKALIKE_DATA_DIR": tmp, "EMBED_MODEL": model_id, "EMBED_PRECISION": precision,
+               "DETECT_WEIGHTS": detect_weights, "EMBED_DEVICE": "cpu"}
+        saved = {k: os.environ.get(k) for k in (*env, "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL")}
+        os.environ.update(env)
+        os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)  # a fresh embedded broker and store
+        os.environ.pop("QDRANT_URL", None)
+        try:
+            settings = Settings()
+            with Stack(settings) as stack:
+                client = Client(stack.bootstrap_servers)
+                try:
+                    events = gallery_events(gallery, _max_images())
+                    client.publish(CATALOG_EVENTS, events)
+                    client.wait_indexed(timeout_s)
+                    points = stack.resources.store.count(stack.resources.collection)
+                    index_s = time.monotonic() - t0
+                    rankings = []
+                    for p, _ in queries:
+                        result = client.search(p.read_bytes(), top_k=10, timeout_s=120)
+                        best: dict[str, float] = {}
+                        for obj in result.objects:
+                            for prod in obj.products:
+                                # Listings merged into one entry (MERGE_THRESHOLD) share its rank.
+                                for pid in (prod.product_id, *prod.merged_product_ids):
+                                    lab = pid.split(SPLIT_MARK)[0]
+                                    best[lab] = max(best.get(lab, -np.inf), float(prod.score))
+                        rankings.append(sorted(best, key=lambda k: -best[k]))
+                    model = stack.resources.model_id
+                finally:
+                    client.close()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    result = ranking_metrics(rankings, [lab for _, lab in queries])
+    result.update(model=model, mode="pipeline", precision=precision, detect=detect_weights,
+                  gallery=len(gallery), products=len({lab for _, lab in gallery}), points=points,
+                  index_seconds=round(index_s, 1), seconds=round(time.monotonic() - t0, 1))
+    return result
+
+
+def evaluate(gallery_csv: str | Path, queries_csv: str | Path, model_id: str = "efficientnet_lite0",
+             mode: str = "direct", precision: str = "fp32", detect_weights: str = "none") -> dict:
+    gallery, queries = read_labelled_csv(gallery_csv), read_labelled_csv(queries_csv)
+    if mode == "direct":
+        return evaluate_direct(gallery, queries, model_id, precision, detect_weights)
+    if mode == "pipeline":
+        return evaluate_pipeline(gallery, queries, model_id, precision, detect_weights)
+    raise ValueError(f"mode must be direct or pipeline, not {mode!r}")
+
+
+def format_result(r: dict) -> str:
+    return (f"model {r['model']} ({r['precision']}), mode {r['mode']}, detect {r['detect']}: "
+            f"{r['queries']} queries vs {r['gallery']} gallery images ({r['products']} products)\n"
+            f"Recall@1 {r['recall@1']:.3f}  Recall@5 {r['recall@5']:.3f}  Recall@10 {r['recall@10']:.3f}  "
+            f"mAP@10 {r['map@10']:.3f}  ({r['seconds']} s)")
+
+
+def json_line(r: dict) -> str:
+    return json.dumps(r, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- CLI (`lookalike eval|finetune|reindex`)
+
+
+def cmd_eval(args, settings) -> None:
+    model = args.model or (settings.embed_model if settings.embed_model != "auto" else "efficientnet_lite0")
+    if args.model is None and settings.embed_model == "auto":
+        from shared.embedders import resolve_model_id
+
+        model = resolve_model_id("auto")
+    result = evaluate(args.gallery, args.queries, model, args.mode, args.precision, args.detect)
+    print(format_result(result), flush=True)
+    if args.json:
+        print(json_line(result), flush=True)
+
+
+def cmd_finetune(args, settings) -> None:
+    from shared.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(model_id=args.id, dim=args.dim, train_blocks=args.train_blocks, views=args.views,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout,
+                         max_minutes=args.max_minutes, seed=args.seed)
+    train = read_labelled_csv(args.train)
+    val = read_labelled_csv(args.val) if args.val else None
+    manifest = finetune(train, Path(args.out), cfg, val=val, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    m = manifest["metrics"]
+    print(f"wrote {args.out} (model id {manifest['id']}, dim {manifest['dim']}, best epoch {manifest['best_epoch']}, "
+          f"stopped: {manifest['stopped']}, {manifest['timing_s']['total']} s)")
+    for name in ("train_leave_one_out", "holdout", "val"):
+        if m.get(name):
+            print(f"  {name:20s} Recall@1 {m[name]['recall@1']:.3f}  Recall@5 {m[name]['recall@5']:.3f}  "
+                  f"mAP@10 {m[name]['map@10']:.3f}")
+    print(f"use it: EMBED_MODEL={Path(args.out).resolve()} (or copy it to $LOOKALIKE_DATA_DIR/models/{manifest['id']} "
+          f"and set EMBED_MODEL={manifest['id']})")
+    if args.json:
+        print(json.dumps({k: manifest[k] for k in ("id", "dim", "best_epoch", "stopped", "metrics", "timing_s")}))
+
+
+def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -> dict:
+    """Rebuild ``model_id``'s collection from a catalogue file through the embedded pipeline.
+
+    The store keeps no image bytes (only image ids, in the catalogue-state companion
+    collection), so the images come from the catalogue file. Each listed product's
+    catalogue state is cleared first, so ingest treats every image as new and embed
+    rewrites its points (point ids are deterministic: nothing is duplicated).
+    """
+    from shared.client import Client, read_catalog
+    from shared.messages import CATALOG_EVENTS
+    from shared.service import Stack
+
+    settings = settings.model_copy(update={"embed_model": model_id})
+    events = read_catalog(Path(catalog))
+    t0 = time.monotonic()
+    with Stack(settings) as stack:
+        store, coll = stack.resources.store, stack.resources.collection
+        store.ensure_catalog(coll)
+        for pid in {getattr(e, "product_id", None) for e in events} - {None}:
+            store.set_catalog_state(coll, pid, None)
+        client = Client(stack.bootstrap_servers)
+        try:
+            client.publish(CATALOG_EVENTS, events)
+            client.wait_indexed(timeout_s)
+        finally:
+            client.close()
+        return {"model": stack.resources.model_id, "collection": coll, "events": len(events),
+                "points": store.count(coll), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def cmd_reindex(args, settings) -> None:
+    if settings.kafka_bootstrap_servers:
+        raise ValueError("reindex runs its own embedded pipeline; unset KAFKA_BOOTSTRAP_SERVERS")
+    r = reindex(settings, args.model, Path(args.catalog), args.timeout)
+    print(f"reindexed {r['events']} catalogue events into {r['collection']} (model {r['model']}): "
+          f"{r['points']} points in {r['seconds']} s")
+
+
+def add_commands(sub) -> dict:
+    """Add ``eval``, ``finetune`` and ``reindex`` to the ``lookalike`` parser; returns their handlers."""
+    p = sub.add_parser("eval", help="Recall@1/5/10 and mAP@10 of a gallery CSV against a query CSV (path,label)")
+    p.add_argument("--gallery", required=True, help="CSV path,label: indexed, one product per label")
+    p.add_argument("--queries", required=True, help="CSV path,label: searched")
+    p.add_argument("--model", help="embedder id or fine-tuned model directory (default $EMBED_MODEL)")
+    p.add_argument("--mode", choices=("direct", "pipeline"), default="direct")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--detect", default="none",
+                   help="detector weights (direct: crop the top detection; pipeline: DETECT_WEIGHTS); "
+                        "none = whole images")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+    p = sub.add_parser("finetune", help="fine-tune an embedder on labelled catalogue photos (CSV path,label)")
+    p.add_argument("--train", required=True)
+    p.add_argument("--val", help="scored once at the end for the report; never used for model selection")
+    p.add_argument("--out", required=True, help="output model directory (model.pt + model.json)")
+    p.add_argument("--id", default="lite0-ft", help="model id (names the store collection)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--train-blocks", type=int, default=2)
+    p.add_argument("--views", type=int, default=3, help="augmented views cached per photo")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--holdout", type=float, default=0.15, help="fraction of train photos held out for selection")
+    p.add_argument("--max-minutes", type=float, default=25.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="keep the frozen-trunk features here and reuse them on the next run")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reindex", help="rebuild a model's collection from a catalogue file (embedded pipeline)")
+    p.add_argument("--model", required=True, help="embedder id or fine-tuned model directory")
+    p.add_argument("--catalog", required=True, help="catalogue JSONL (as for `lookalike index`): the image source")
+    p.add_argument("--timeout", type=float, default=3600)
+    return {"eval": cmd_eval, "finetune": cmd_finetune, "reindex": cmd_reindex}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m shared.evaluation eval|finetune|reindex ...``: the same as ``lookalike eval|finetune|reindex``."""
+    import argparse
+    import os
+
+    from shared.config import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m shared.evaluation")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers = add_commands(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers[args.command](args, Settings())
+
+
+if __name__ == "__main__":
+    main()
