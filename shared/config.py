@@ -51,6 +51,7 @@ class Settings(BaseSettings):
 
     # Query.
     search_oversample: int = 5  # fetch top_k * this many points, then collapse to one per product
+    search_max_points: int = 1000  # widen the fetch up to this many points when products have many images
     # Listings of the same item under different product ids (different shops) whose vectors
     # are at least this similar (cosine) merge into one price-comparison entry; 1.0 turns it off.
     merge_threshold: float = 0.95

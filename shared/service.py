@@ -91,7 +91,7 @@ class Resources:
             return Embed(self.embedder, self.store, self.collection)
         if name == "query":
             return Query(self.store, self.collection, self.model_id, self.settings.search_oversample,
-                         self.settings.merge_threshold)
+                         self.settings.merge_threshold, self.settings.search_max_points)
         raise ValueError(f"unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
 
 

@@ -330,6 +330,22 @@ def test_query_returns_one_entry_per_product_with_sorted_offers(pipeline):
     assert products[0].best_offer.shop == "a"
 
 
+def test_a_product_with_many_photos_cannot_crowd_out_the_others(pipeline, store):
+    # GIVEN a red product with eight red photos and one blue product,
+    # and a query function that first fetches only top_k * 1 points
+    reds = [(200 - i, 30 + i, 30) for i in range(8)]
+    pipeline.index(upsert("red", colors=reds))
+    pipeline.index(upsert("blue", colors=[(30, 30, 200)]))
+    query = Query(store, COLLECTION, "colour", oversample=1)
+    (normalized,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo((205, 28, 28))), top_k=2))
+    ((vectors,),) = pipeline.embed.on_batch([pipeline.detect.on_image(normalized.message)[0].message])
+    # WHEN searching for the two best products
+    (result,) = query.on_vectors(vectors.message)
+    # THEN the fetch widens past red's photos and both products come back
+    assert [p.product_id for p in result.message.objects[0].products] == ["red", "blue"]
+    assert query.counters["widened_searches"] >= 1
+
+
 def test_best_offer_skips_out_of_stock_shops(pipeline):
     offers = [Offer(shop="cheap", price=1.0, in_stock=False), Offer(shop="dear", price=3.0)]
     pipeline.index(upsert("p", offers=offers))

@@ -79,13 +79,14 @@ class Query(Function):
     name = "query"
 
     def __init__(self, store: VectorStore, collection: str, model_id: str, oversample: int = 5,
-                 merge_threshold: float = 0.95):
+                 merge_threshold: float = 0.95, max_points: int = 1000):
         super().__init__()
         self.merge_threshold = merge_threshold
         self.store = store
         self.collection = collection
         self.model_id = model_id
         self.oversample = oversample
+        self.max_points = max_points
 
     def routes(self) -> list[Route]:
         return [
@@ -94,9 +95,20 @@ class Query(Function):
         ]
 
     def _search(self, vector, top_k: int, filters: SearchFilters, exclude=()) -> list[MatchedProduct]:
+        """The ``top_k`` best products: fetch ``top_k * oversample`` points, collapse them per product.
+
+        A product with many images (or objects) can fill the first fetch on its own; then the
+        fetch widens (x4 each time, up to ``max_points``) until ``top_k`` products are found or
+        the store has no more matching points."""
         merge = self.merge_threshold < 1.0
-        hits = self.store.search(self.collection, vector, top_k * self.oversample, filters, exclude, with_vectors=merge)
-        return collapse(hits, top_k, self.merge_threshold)
+        limit = max(1, top_k * self.oversample)
+        while True:
+            hits = self.store.search(self.collection, vector, limit, filters, exclude, with_vectors=merge)
+            products = collapse(hits, top_k, self.merge_threshold)
+            if len(products) >= top_k or len(hits) < limit or limit >= self.max_points:
+                return products
+            limit = min(limit * 4, self.max_points)
+            self.counters["widened_searches"] += 1
 
     def on_vectors(self, msg: QueryVectors) -> list[Emit]:
         if msg.model != self.model_id:
