@@ -53,7 +53,11 @@ class FinetuneConfig:
     base: str = "efficientnet_lite0"
     dim: int = 256
     train_blocks: int = 2
-    views: int = 4  # augmented views cached per photo (plus one eval view)
+    # Input: shorter side resized to ``resize``, centre ``crop`` (ImageNet's 256/224 by default;
+    # resize == crop keeps the whole frame of a square photo, at more compute per image).
+    resize: int = 256
+    crop: int = 224
+    views: int = 7  # augmented views cached per photo (plus one eval view)
     epochs: int = 30
     batch_size: int = 128
     m_per_class: int = 4
@@ -61,7 +65,11 @@ class FinetuneConfig:
     backbone_lr_scale: float = 0.3
     weight_decay: float = 1e-4
     holdout: float = 0.15
+    # Photos of one product whose ImageNet embeddings lie this close (cosine distance, average
+    # linkage) count as one photo series and are held out together; 0 holds out single photos.
+    series_distance: float = 0.25
     patience: int = 5
+    refit: bool = True  # after selection, retrain on every photo for the selected number of epochs
     max_minutes: float = 25.0
     seed: int = 0
     cache_precision: str = "bf16"  # trunk precision while caching (fp32|bf16)
@@ -99,12 +107,16 @@ class FinetunedLite0(torch.nn.Module):
             x = self._block(idx, x)
         return x
 
-    def top(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk output -> the backbone's pooled 1280-d features (before the projection)."""
         net = self.net
         for idx in range(self.split, len(net._blocks)):
             x = self._block(idx, x)
         x = net._swish(net._bn1(net._conv_head(x)))
-        return self.proj(net._avg_pooling(x).flatten(1))
+        return net._avg_pooling(x).flatten(1)
+
+    def top(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pooled(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(self.trunk(x))
@@ -169,12 +181,18 @@ def _augment(pre):
     )
 
 
-def cache_trunk(model: FinetunedLite0, paths: list[Path], views: int, precision: str,
-                batch_size: int = 32, log_every: int = 256) -> torch.Tensor:
-    """Frozen-trunk outputs, shape (len(paths), 1 + views, C, H, W), stored as bf16/fp32."""
+def preprocessing(cfg: FinetuneConfig):
+    """The base model's preprocessing at the configured input size."""
+    from dataclasses import replace
+
     from shared.embedders import REGISTRY
 
-    pre = REGISTRY["efficientnet_lite0"].preprocessing
+    return replace(REGISTRY[cfg.base].preprocessing, resize=cfg.resize, crop=cfg.crop)
+
+
+def cache_trunk(model: FinetunedLite0, paths: list[Path], views: int, precision: str, pre,
+                batch_size: int = 32, log_every: int = 256) -> torch.Tensor:
+    """Frozen-trunk outputs, shape (len(paths), 1 + views, C, H, W), stored as bf16/fp32."""
     eval_tf, aug_tf = pre.transform(), _augment(pre)
     model.eval()
     out: torch.Tensor | None = None
@@ -215,6 +233,41 @@ def _stratified_holdout(labels: list[str], fraction: float, seed: int) -> np.nda
     return mask
 
 
+def _series_holdout(emb: np.ndarray, labels: list[str], fraction: float, distance: float,
+                    seed: int) -> np.ndarray:
+    """Boolean mask holding out whole photo series: ``fraction`` of each product, roughly.
+
+    Shop photos come in series (same shelf, light and angle, neighbouring frames). Holding out
+    single photos leaves their near-twins in the gallery, and the hold-out then says little about
+    photos from a new visit. Series are found per product by average-linkage clustering of
+    ``emb`` (the un-tuned backbone's features) cut at cosine ``distance``; whole series are
+    held out in random order until the fraction is reached. At least one series stays in.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    mask = np.zeros(len(labels), dtype=bool)
+    for lab in sorted(by_label):
+        idx = np.asarray(by_label[lab])
+        if len(idx) < 2:
+            continue
+        series = fcluster(linkage(emb[idx], method="average", metric="cosine"), distance, criterion="distance")
+        target = max(1, round(len(idx) * fraction))
+        held = 0
+        for s in rng.permutation(np.unique(series)):
+            members = idx[series == s]
+            if held + len(members) >= len(idx) or (held and held + len(members) > 1.5 * target):
+                continue  # keep a series in the gallery; do not overshoot the fraction by much
+            mask[members] = True
+            held += len(members)
+            if held >= target:
+                break
+    return mask
+
+
 def _embed_cached(model: FinetunedLite0, feats: torch.Tensor, batch: int = 256) -> np.ndarray:
     model.eval()
     rows = []
@@ -234,15 +287,73 @@ def _cache_key(paths: list[Path], cfg: FinetuneConfig) -> str:
     for p in paths:
         h.update(str(p).encode() + b"\0")
     h.update(f"{cfg.base}/{cfg.train_blocks}/{cfg.views}/{cfg.cache_precision}/{cfg.seed}".encode())
+    if (cfg.resize, cfg.crop) != (256, 224):  # (keeps the keys of caches made before sizes were configurable)
+        h.update(f"/{cfg.resize}/{cfg.crop}".encode())
     return h.hexdigest()[:16]
+
+
+def _train(model: FinetunedLite0, feats: torch.Tensor, photos: np.ndarray, y: np.ndarray, cfg: FinetuneConfig,
+           budget_s: float, end_progress: float = 1.0, max_epochs: int | None = None, after_epoch=None) -> int:
+    """Train ``model``'s top on every cached view of ``photos``; returns the number of epochs run.
+
+    The learning rate warms up (5 %) and then follows a cosine over ``cfg.epochs``, reaching
+    ``end_progress`` of that schedule at the last step; the schedule also advances with wall time
+    so that it anneals by ``budget_s`` at the latest. ``after_epoch(epoch, mean_loss, progress)``
+    may return True to stop early.
+    """
+    from pytorch_metric_learning import losses, miners, samplers
+
+    item_img = np.repeat(photos, 1 + cfg.views)
+    item_view = np.tile(np.arange(1 + cfg.views), len(photos))
+    item_y = y[item_img]
+    batch = min(cfg.batch_size, len(item_y) - len(item_y) % cfg.m_per_class) or cfg.m_per_class
+    sampler = samplers.MPerClassSampler(item_y, m=cfg.m_per_class, batch_size=batch, length_before_new_iter=len(item_y))
+    loss_fn = losses.MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
+    miner = miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon)
+    back, head = model.trainable_parameters()
+    peak = [cfg.lr * cfg.backbone_lr_scale, cfg.lr]
+    opt = torch.optim.AdamW([{"params": back, "lr": peak[0]}, {"params": head, "lr": peak[1]}],
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(item_y) // batch)
+    epochs = max_epochs or cfg.epochs
+    total_steps = steps_per_epoch * epochs
+    t0 = time.monotonic()
+    step_no = 0
+    progress = 0.0
+    for epoch in range(1, epochs + 1):
+        model.set_train_mode()
+        order = list(iter(sampler))
+        losses_seen = []
+        for s in range(0, steps_per_epoch * batch, batch):
+            ids = np.asarray(order[s : s + batch])
+            if len(ids) < batch:
+                break
+            emb = model.top(feats[item_img[ids], item_view[ids]].float())
+            yy = torch.as_tensor(item_y[ids])
+            loss = loss_fn(emb, yy, miner(emb, yy))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            progress = min(1.0, max(step_no / total_steps, (time.monotonic() - t0) / budget_s)) * end_progress
+            scale = progress / 0.05 if progress < 0.05 else 0.5 * (1 + np.cos(np.pi * (progress - 0.05) / 0.95))
+            for group, lr in zip(opt.param_groups, peak, strict=True):
+                group["lr"] = lr * scale
+            opt.step()
+            step_no += 1
+            losses_seen.append(float(loss.detach()))
+            if time.monotonic() - t0 >= budget_s:
+                break
+        loss = float(np.mean(losses_seen)) if losses_seen else None
+        stop = after_epoch(epoch, loss, progress) if after_epoch else False
+        if stop or time.monotonic() - t0 >= budget_s:
+            return epoch
+    return epochs
 
 
 def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
              val: list[tuple[Path, str]] | None = None, cache_dir: Path | None = None) -> dict:
-    """Train, select on the hold-out, write ``out_dir/model.{pt,json}``; returns the manifest."""
-    from pytorch_metric_learning import losses, miners, samplers
+    """Select the epoch count on a hold-out, refit on every photo, write ``out_dir/model.{pt,json}``.
 
-    from shared.embedders import REGISTRY
+    Returns the manifest."""
     from shared.evaluation import retrieval_metrics
 
     t_start = time.monotonic()
@@ -259,15 +370,13 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
     labels = [lab for _, lab in train]
     classes = sorted(counts)
     y = np.array([classes.index(lab) for lab in labels])
-    held = _stratified_holdout(labels, cfg.holdout, cfg.seed)
-    fit = ~held
-
     model = _base_model(cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     back, head = model.trainable_parameters()
     for p in back + head:
         p.requires_grad_(True)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
 
     t0 = time.monotonic()
     feats = None
@@ -277,42 +386,20 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
         log.info("loaded cached trunk features %s", Path(cache_dir) / f"{key}.pt")
     if feats is None:
         log.info("caching trunk features of %d photos x %d views (%s)", len(paths), 1 + cfg.views, cfg.cache_precision)
-        feats = cache_trunk(model, paths, cfg.views, cfg.cache_precision)
+        feats = cache_trunk(model, paths, cfg.views, cfg.cache_precision, preprocessing(cfg))
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             torch.save(feats, Path(cache_dir) / f"{key}.pt")
     cache_s = time.monotonic() - t0
-    # The time cap covers training only from here on: the schedule anneals by the cap.
-    train_budget_s = max(60.0, cfg.max_minutes * 60 - (time.monotonic() - t_start))
-    t_train = time.monotonic()
-
-    # Training items: every cached view (eval view included) of every fit photo.
-    fit_idx = np.flatnonzero(fit)
-    item_img = np.repeat(fit_idx, 1 + cfg.views)
-    item_view = np.tile(np.arange(1 + cfg.views), len(fit_idx))
-    item_y = y[item_img]
-    batch = min(cfg.batch_size, len(item_y) - len(item_y) % cfg.m_per_class) or cfg.m_per_class
-    sampler = samplers.MPerClassSampler(item_y, m=cfg.m_per_class, batch_size=batch,
-                                        length_before_new_iter=len(item_y))
-    loss_fn = losses.MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
-    miner = miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon)
-    opt = torch.optim.AdamW(
-        [{"params": back, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head, "lr": cfg.lr}],
-        weight_decay=cfg.weight_decay,
-    )
-    steps_per_epoch = max(1, len(item_y) // batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    peak = [cfg.lr * cfg.backbone_lr_scale, cfg.lr]
-    step_no = 0
-
-    def set_lr() -> float:
-        """Linear warm-up (5 %), then cosine to 0 by the last epoch or by the time cap, whichever is first."""
-        progress = min(1.0, max(step_no / total_steps, (time.monotonic() - t_train) / train_budget_s))
-        scale = progress / 0.05 if progress < 0.05 else 0.5 * (1 + np.cos(np.pi * (progress - 0.05) / 0.95))
-        for group, lr in zip(opt.param_groups, peak, strict=True):
-            group["lr"] = lr * scale
-        return progress
-
+    if cfg.series_distance > 0:
+        model.eval()
+        with torch.inference_mode():
+            base = torch.cat([model.pooled(feats[s : s + 256, 0].float()) for s in range(0, len(feats), 256)])
+        held = _series_holdout(base.numpy(), labels, cfg.holdout, cfg.series_distance, cfg.seed)
+    else:
+        held = _stratified_holdout(labels, cfg.holdout, cfg.seed)
+    fit = ~held
+    fit_idx, held_idx = np.flatnonzero(fit), np.flatnonzero(held)
     eval_feats = feats[:, 0]
 
     def score() -> tuple[dict, dict]:
@@ -320,63 +407,58 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
         g_lab = [labels[i] for i in fit_idx]
         # Train: leave-one-out over the fit photos (each photo queries the others).
         tr = retrieval_metrics(emb[fit], g_lab, emb[fit], g_lab, exclude_self=True)
-        ho = (retrieval_metrics(emb[fit], g_lab, emb[held], [labels[i] for i in np.flatnonzero(held)])
-              if held.any() else {})
+        ho = retrieval_metrics(emb[fit], g_lab, emb[held], [labels[i] for i in held_idx]) if held.any() else {}
         return tr, ho
 
+    # 1. Selection: train on the fit photos, score the hold-out after every epoch.
+    # The time cap covers training from here on; half of it goes to selection, the rest to the refit.
+    budget_s = max(60.0, cfg.max_minutes * 60 - (time.monotonic() - t_start))
+    t_train = time.monotonic()
     base_train, base_holdout = score()
     log.info("epoch 0 (before training): train R@1 %.3f, hold-out R@1 %.3f",
              base_train["recall@1"], base_holdout.get("recall@1", float("nan")))
-    best = (base_holdout.get("recall@1", -1.0), 0, {k: v.clone() for k, v in model.state_dict().items()},
-            base_train, base_holdout)
     history = [{"epoch": 0, "train": base_train, "holdout": base_holdout}]
-    stale = 0
-    stopped = "epochs"
-    progress = 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        model.set_train_mode()
-        order = list(iter(sampler))
-        losses_seen = []
-        for s in range(0, steps_per_epoch * batch, batch):
-            ids = np.asarray(order[s : s + batch])
-            if len(ids) < batch:
-                break
-            x = feats[item_img[ids], item_view[ids]].float()
-            yy = torch.as_tensor(item_y[ids])
-            emb = model.top(x)
-            pairs = miner(emb, yy)
-            loss = loss_fn(emb, yy, pairs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            progress = set_lr()
-            opt.step()
-            step_no += 1
-            if progress >= 1.0:
-                break
-            losses_seen.append(float(loss.detach()))
-        tr, ho = score()
-        key = ho.get("recall@1", tr["recall@1"])
-        history.append({"epoch": epoch, "loss": float(np.mean(losses_seen)) if losses_seen else None,
-                        "train": tr, "holdout": ho})
-        log.info("epoch %d: loss %.4f, train R@1 %.3f, hold-out R@1 %.3f (%.0f s)", epoch,
-                 history[-1]["loss"] or 0.0, tr["recall@1"], ho.get("recall@1", float("nan")),
-                 time.monotonic() - t_start)
-        if key > best[0]:
-            best = (key, epoch, {k: v.clone() for k, v in model.state_dict().items()}, tr, ho)
-            stale = 0
-        else:
-            stale += 1
-        if stale >= cfg.patience:
-            stopped = f"no hold-out improvement for {cfg.patience} epochs"
-            break
-        if time.monotonic() - t_start > cfg.max_minutes * 60 or progress >= 1.0:
-            stopped = f"time cap ({cfg.max_minutes} min)" if step_no < total_steps else "epochs"
-            break
+    best = {"r1": base_holdout.get("recall@1", -1.0), "epoch": 0, "train": base_train, "holdout": base_holdout,
+            "state": {k: v.clone() for k, v in initial.items()}}
+    stopped = ["epochs"]
 
-    model.load_state_dict(best[2])
+    def after_epoch(epoch: int, loss: float | None, progress: float) -> bool:
+        tr, ho = score()
+        history.append({"epoch": epoch, "loss": loss, "lr_progress": round(progress, 4), "train": tr, "holdout": ho})
+        log.info("epoch %d: loss %.4f, train R@1 %.3f, hold-out R@1 %.3f (%.0f s)", epoch, loss or 0.0,
+                 tr["recall@1"], ho.get("recall@1", float("nan")), time.monotonic() - t_start)
+        r1 = ho.get("recall@1", tr["recall@1"])
+        if r1 > best["r1"]:
+            best.update(r1=r1, epoch=epoch, train=tr, holdout=ho,
+                        state={k: v.clone() for k, v in model.state_dict().items()})
+        if epoch - best["epoch"] >= cfg.patience:
+            stopped[0] = f"no hold-out improvement for {cfg.patience} epochs"
+            return True
+        return False
+
+    select_budget = budget_s / 2 if cfg.refit else budget_s
+    ran = _train(model, feats, fit_idx, y, cfg, select_budget, after_epoch=after_epoch)
+    if stopped[0] == "epochs" and ran < cfg.epochs:
+        stopped[0] = f"time cap ({cfg.max_minutes} min)"
+    select_s = time.monotonic() - t_train
+
+    # 2. Refit: the same schedule, from the same start, on every photo (hold-out included),
+    # for the selected number of epochs: the hold-out's photo series are worth training on.
+    refit_epochs = 0
+    if cfg.refit and best["epoch"] > 0 and held.any():
+        model.load_state_dict(initial)
+        torch.manual_seed(cfg.seed)
+        end_progress = history[best["epoch"]]["lr_progress"]  # where the schedule stood at the kept epoch
+        remaining = max(30.0, budget_s - (time.monotonic() - t_train))
+        log.info("refit on all %d photos for %d epochs", len(labels), best["epoch"])
+        refit_epochs = _train(model, feats, np.arange(len(labels)), y, cfg, remaining,
+                              end_progress=end_progress, max_epochs=best["epoch"])
+    else:
+        model.load_state_dict(best["state"])
+
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / WEIGHTS)
-    pre = REGISTRY[cfg.base].preprocessing
+    pre = preprocessing(cfg)
     manifest = {
         "format": FORMAT,
         "id": cfg.model_id,
@@ -386,17 +468,19 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
         "preprocessing": asdict(pre),
         "weights": WEIGHTS,
         "config": asdict(cfg),
-        "data": {"train_photos": int(fit.sum()), "holdout_photos": int(held.sum()), "products": len(classes)},
-        "best_epoch": best[1],
-        "stopped": stopped,
-        "metrics": {"train_leave_one_out": best[3], "holdout": best[4],
+        "data": {"train_photos": int(fit.sum()), "holdout_photos": int(held.sum()), "products": len(classes),
+                 "refit_epochs": refit_epochs},
+        "best_epoch": best["epoch"],
+        "stopped": stopped[0],
+        "metrics": {"train_leave_one_out": best["train"], "holdout": best["holdout"],
                     "before": {"train_leave_one_out": base_train, "holdout": base_holdout}},
         "history": history,
-        "timing_s": {"cache": round(cache_s, 1), "train": round(time.monotonic() - t_train, 1), "total": None},
+        "timing_s": {"cache": round(cache_s, 1), "select": round(select_s, 1),
+                     "train": round(time.monotonic() - t_train, 1), "total": None},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if val:
-        # Once, with the chosen model, for the report only (never used for selection).
+        # Once, with the saved model, for the report only (never used for selection).
         from shared.evaluation import evaluate_direct
 
         manifest["metrics"]["val"] = evaluate_direct(train, val, model_id=str(out_dir))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from shared.finetune import FinetuneConfig, _stratified_holdout, finetune
+from shared.finetune import FinetuneConfig, _series_holdout, _stratified_holdout, finetune
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,9 @@ def tiny_model(tmp_path_factory):
     sample = generate(out / "sample", n_products=4, photos_per_product=3, query_photos_per_product=1)
     train = [(out / "sample" / img, p["product_id"]) for p in sample.products for img in p["images"]]
     val = list(sample.queries)
-    cfg = FinetuneConfig(model_id="ft-test", dim=32, views=1, epochs=2, batch_size=16, holdout=0.34)
+    # series_distance=0: hold out single photos, so this tiny set always has a hold-out to select on
+    cfg = FinetuneConfig(model_id="ft-test", dim=32, views=1, epochs=2, batch_size=16, holdout=0.34, series_distance=0,
+                         resize=160, crop=160)
     manifest = finetune(train, out / "model", cfg, val=val)
     return {"dir": out / "model", "manifest": manifest, "train": train, "val": val, "out": out}
 
@@ -29,6 +31,22 @@ def test_holdout_is_stratified_and_keeps_one_per_product():
     assert held[:10].sum() == 3 and held[10:12].sum() == 1 and not held[12]
 
 
+def test_series_are_held_out_whole_and_never_all_of_a_product():
+    # GIVEN product a photographed in 3 series of 4 near-identical shots, product b in 2 series of 3
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 16))
+    series = [0] * 4 + [1] * 4 + [2] * 4 + [3] * 3 + [4] * 3
+    emb = np.stack([centres[s] + 0.01 * rng.normal(size=16) for s in series])
+    labels = ["a"] * 12 + ["b"] * 6
+    # WHEN holding out 30 % by series
+    held = _series_holdout(emb, labels, 0.3, distance=0.25, seed=0)
+    # THEN every series is held out whole or not at all, and each product keeps a series to train on
+    for s in set(series):
+        members = held[[i for i, x in enumerate(series) if x == s]]
+        assert members.all() or not members.any()
+    assert held[:12].sum() == 4 and held[12:].sum() == 3
+
+
 def test_finetune_writes_manifest_and_weights(tiny_model):
     d, m = tiny_model["dir"], tiny_model["manifest"]
     assert (d / "model.pt").is_file()
@@ -37,6 +55,8 @@ def test_finetune_writes_manifest_and_weights(tiny_model):
     assert {"train_leave_one_out", "holdout", "val"} <= set(m["metrics"])
     assert m["metrics"]["val"]["model"] == "ft-test"
     assert 0 <= m["best_epoch"] <= 2
+    # the saved model was refitted on every photo for the selected number of epochs
+    assert m["data"]["holdout_photos"] > 0 and m["data"]["refit_epochs"] == m["best_epoch"]
 
 
 def test_finetuned_model_loads_by_path_and_by_id(tiny_model, monkeypatch):
@@ -45,6 +65,8 @@ def test_finetuned_model_loads_by_path_and_by_id(tiny_model, monkeypatch):
     from shared.embedders import REGISTRY, load_embedder, resolve_model_id
 
     assert resolve_model_id(str(tiny_model["dir"])) == "ft-test"
+    # the input size it was trained at travels with it
+    assert (REGISTRY["ft-test"].preprocessing.resize, REGISTRY["ft-test"].preprocessing.crop) == (160, 160)
     emb = load_embedder(str(tiny_model["dir"]), device="cpu")
     rows = emb.embed([Image.open(tiny_model["train"][0][0])])
     assert rows.shape == (1, 32) and rows.dtype == np.float32
