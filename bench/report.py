@@ -17,6 +17,7 @@ def main() -> None:
     ap.add_argument("--mode", help="only direct or pipeline rows")
     a = ap.parse_args()
     rows = [json.loads(line) for line in Path(a.path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "superseded" not in r.get("note", "")]  # kept in the file, not in the tables
     rows = [r for r in rows if (not a.model or a.model in r["model"])
             and (not a.mode or r.get("mode", "direct") == a.mode)]
     print("| model | mode | precision | crops | gallery | R@1 | R@5 | R@10 | mAP@10 | command |")
