@@ -36,7 +36,7 @@ from kafka import KafkaConsumer
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from shared.bus import OffsetReader, make_producer, topic_partitions
+from shared.bus import OffsetReader, make_producer, tail_consumer
 from shared.config import Settings
 from shared.errors import PoisonMessage
 from shared.images import decode
@@ -92,14 +92,8 @@ class ResultsListener:
         with self._lock:
             if self._thread is not None:
                 return self
-            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
-                                     fetch_max_wait_ms=50, client_id="lookalike-gateway")
-            tps = topic_partitions(consumer, SEARCH_RESULTS)
-            consumer.assign(tps)
-            consumer.seek_to_end(*tps)
-            for tp in tps:
-                consumer.position(tp)  # resolve "end" now, before any request is published
-            self._consumer = consumer
+            # positioned before any request is published
+            self._consumer = tail_consumer(self.bootstrap_servers, [SEARCH_RESULTS], "lookalike-gateway")
             self._thread = threading.Thread(target=self._run, name="gateway-results", daemon=True)
             self._thread.start()
         return self

@@ -172,6 +172,21 @@ def topic_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 30.
         time.sleep(0.1)
 
 
+def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> KafkaConsumer:
+    """A group-less consumer of every partition of ``topics``, positioned at their current end.
+
+    The end is resolved before returning, so whatever is published afterwards (e.g. the
+    answer to a request sent next) is read, and nothing from before."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                             fetch_max_wait_ms=50, client_id=client_id)
+    tps = [tp for topic in topics for tp in topic_partitions(consumer, topic)]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)  # seek_to_end is lazy: resolve "end" now
+    return consumer
+
+
 def end_offsets(consumer: KafkaConsumer, topics: list[str]) -> dict[TopicPartition, int]:
     tps = [tp for t in topics for tp in topic_partitions(consumer, t)]
     return consumer.end_offsets(tps) if tps else {}

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 from kafka import KafkaConsumer
 from pydantic import TypeAdapter
 
-from shared.bus import OffsetReader, make_producer, topic_partitions
+from shared.bus import OffsetReader, make_producer, tail_consumer, topic_partitions
 from shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
@@ -123,14 +123,9 @@ class Client:
         """
         report = IndexReport()
         start = time.monotonic()
-        watcher = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
-                                fetch_max_wait_ms=50, client_id="lookalike-cli")
+        # Opened before publishing: every report we need comes after its position.
+        watcher = tail_consumer(self.bootstrap_servers, [CATALOG_INDEXED, dlq_topic(CATALOG_EVENTS)], "lookalike-cli")
         try:
-            tps = topic_partitions(watcher, CATALOG_INDEXED) + topic_partitions(watcher, dlq_topic(CATALOG_EVENTS))
-            watcher.assign(tps)
-            watcher.seek_to_end(*tps)
-            for tp in tps:
-                watcher.position(tp)  # before publishing: every report we need comes after this
             send = self.producer.send
             futures = [(e, send(CATALOG_EVENTS, key=e.key().encode(), value=e.to_bytes())) for e in events]
             self.producer.flush(timeout=60)
@@ -188,14 +183,7 @@ class Client:
     def _results(self) -> KafkaConsumer:
         """One consumer of search.results for this client, positioned at the end when created."""
         if self._results_consumer is None:
-            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
-                                     fetch_max_wait_ms=50, client_id="lookalike-cli")
-            tps = topic_partitions(consumer, SEARCH_RESULTS)
-            consumer.assign(tps)
-            consumer.seek_to_end(*tps)
-            for tp in tps:
-                consumer.position(tp)  # resolve "end" now, before any request is published
-            self._results_consumer = consumer
+            self._results_consumer = tail_consumer(self.bootstrap_servers, [SEARCH_RESULTS], "lookalike-cli")
         return self._results_consumer
 
     def request(self, topic: str, message: SearchRequest | RecommendRequest, timeout_s: float = 60.0) -> SearchResult:
