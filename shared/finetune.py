@@ -268,12 +268,14 @@ def _series_holdout(emb: np.ndarray, labels: list[str], fraction: float, distanc
     return mask
 
 
-def _embed_cached(model: FinetunedLite0, feats: torch.Tensor, batch: int = 256) -> np.ndarray:
+def _embed_cached(model: FinetunedLite0, feats: torch.Tensor, project: bool = True, batch: int = 256) -> np.ndarray:
+    """L2-normalised embeddings of cached trunk outputs; ``project=False``: the backbone's pooled features."""
+    head = model.top if project else model.pooled
     model.eval()
     rows = []
     with torch.inference_mode():
         for s in range(0, len(feats), batch):
-            rows.append(torch.nn.functional.normalize(model.top(feats[s : s + batch].float()), dim=1))
+            rows.append(torch.nn.functional.normalize(head(feats[s : s + batch].float()), dim=1))
     return torch.cat(rows).numpy()
 
 
@@ -391,11 +393,9 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             torch.save(feats, Path(cache_dir) / f"{key}.pt")
     cache_s = time.monotonic() - t0
-    if cfg.series_distance > 0:
-        model.eval()
-        with torch.inference_mode():
-            base = torch.cat([model.pooled(feats[s : s + 256, 0].float()) for s in range(0, len(feats), 256)])
-        held = _series_holdout(base.numpy(), labels, cfg.holdout, cfg.series_distance, cfg.seed)
+    if cfg.series_distance > 0:  # series from the un-tuned backbone's features of the eval view
+        base = _embed_cached(model, feats[:, 0], project=False)
+        held = _series_holdout(base, labels, cfg.holdout, cfg.series_distance, cfg.seed)
     else:
         held = _stratified_holdout(labels, cfg.holdout, cfg.seed)
     fit = ~held
@@ -419,7 +419,7 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
              base_train["recall@1"], base_holdout.get("recall@1", float("nan")))
     history = [{"epoch": 0, "train": base_train, "holdout": base_holdout}]
     best = {"r1": base_holdout.get("recall@1", -1.0), "epoch": 0, "train": base_train, "holdout": base_holdout,
-            "state": {k: v.clone() for k, v in initial.items()}}
+            "state": initial}
     stopped = ["epochs"]
 
     def after_epoch(epoch: int, loss: float | None, progress: float) -> bool:
