@@ -9,22 +9,26 @@ answer that arrives later finds nobody waiting and is dropped.
 
 Coordinates: ``box`` (request) and every object box in a search response are in
 pixels of the uploaded photo after EXIF rotation (``image.width``/``image.height`` of
-the response). The pipeline works on the photo scaled to ``IMAGE_MAX_SIDE``; the
-gateway converts its boxes back with ``image.scale``.
+the response). The gateway publishes the photo re-encoded at ``IMAGE_MAX_SIDE`` (so a
+phone photo fits a message) with the box scaled alike, and converts the pipeline's
+boxes back with ``image.scale``.
+
+Input limits (shared/limits.py): a request body is counted as it streams and refused
+with 413 past the photo limit; at most ``GATEWAY_MAX_INFLIGHT`` searches and
+recommendations run at once, more get 429 at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -33,13 +37,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from kafka import KafkaConsumer
-from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.bus import OffsetReader, make_producer, tail_consumer
 from shared.config import Settings
 from shared.errors import PoisonMessage
-from shared.images import decode
+from shared.images import ImageTooLarge, decode, to_jpeg
+from shared.limits import FORM_OVERHEAD_BYTES, MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_TOP_K, fits_message
 from shared.messages import (
     FUNCTION_INPUTS,
     RECOMMEND_REQUESTS,
@@ -47,19 +53,18 @@ from shared.messages import (
     SEARCH_RESULTS,
     Box,
     ImageRef,
+    ProductId,
     RecommendRequest,
     SearchFilters,
     SearchRequest,
     SearchResult,
 )
+from shared.runtime import CONSUMER_GROUPS
 from shared.stores import VectorStore
 
 log = logging.getLogger("lookalike.gateway")
 
 STATIC_DIR = Path(__file__).parent / "static"
-# Each function's consumer group and the topics it reads (lag per function in /healthz).
-# Multipart overhead allowed on top of the photo itself before the body is refused unread.
-FORM_OVERHEAD = 64 * 1024
 # Types that may carry a photo; browsers send application/octet-stream for unknown extensions.
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
 
@@ -140,11 +145,13 @@ class ResultsListener:
 class Gateway:
     """What the endpoints share: producer, results listener, offsets reader, store."""
 
-    def __init__(self, bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings):
+    def __init__(self, bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings,
+                 function_health: Callable[[], dict[str, dict]] | None = None):
         self.bootstrap_servers = bootstrap_servers
         self.store = store
         self.collection = collection
         self.settings = settings
+        self.function_health = function_health  # {function: {"ok": bool, ...}}, from whoever runs them
         self.timeout_s = settings.gateway_timeout_s
         self.listener = ResultsListener(bootstrap_servers)
         self._producer = None
@@ -161,11 +168,15 @@ class Gateway:
 
     def request(self, topic: str, message: SearchRequest | RecommendRequest) -> SearchResult:
         """Publish ``message`` and wait for its answer (registered first, unregistered always)."""
+        key, value = message.key().encode(), message.to_bytes()
+        if not fits_message(key, value):
+            raise HTTPException(413, f"the request is {len(value)} bytes, more than one message may carry "
+                                     f"({MAX_MESSAGE_BYTES})")
         self.listener.start()
         waiter = self.listener.register(message.request_id)
         try:
             try:
-                self.producer.send(topic, key=message.key().encode(), value=message.to_bytes()).get(timeout=10)
+                self.producer.send(topic, key=key, value=value).get(timeout=10)
             except Exception as e:
                 raise HTTPException(503, f"could not publish to {topic}: {e}") from None
             if not waiter.event.wait(self.timeout_s):
@@ -182,8 +193,10 @@ class Gateway:
             with self._offsets_lock:
                 if self._offsets is None:
                     self._offsets = OffsetReader(self.bootstrap_servers)
-                out["lag"] = {name: sum(self._offsets.lag(f"lookalike-{name}", list(topics)).values())
-                              for name, topics in FUNCTION_INPUTS.items()}
+                lags = self._offsets.group_lags(CONSUMER_GROUPS)
+            # Per function, over its lanes' groups (lookalike-<function>[-<lane>]).
+            out["lag"] = {name: sum(n for group, n in lags.items() if group.split("-")[1] == name)
+                          for name in FUNCTION_INPUTS}
             out["broker"] = {"ok": True, "bootstrap_servers": self.bootstrap_servers}
         except Exception as e:
             healthy = False
@@ -194,6 +207,9 @@ class Gateway:
         except Exception as e:
             healthy = False
             out["store"] = {"ok": False, "error": str(e) or type(e).__name__}
+        if self.function_health is not None:
+            out["functions"] = self.function_health()
+            healthy = healthy and all(f.get("ok", True) for f in out["functions"].values())
         out["status"] = "ok" if healthy else "unavailable"
         return healthy, out
 
@@ -248,8 +264,8 @@ def _parse_top_k(text: str | None) -> int:
         top_k = int(text)
     except ValueError:
         raise HTTPException(400, f"top_k must be an integer, got {text!r}") from None
-    if not 1 <= top_k <= 100:
-        raise HTTPException(400, f"top_k must be between 1 and 100, got {top_k}")
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise HTTPException(400, f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
     return top_k
 
 
@@ -257,25 +273,22 @@ def _errors(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
 
 
-def _check_photo(raw: bytes, settings: Settings) -> tuple[int, int]:
-    """The photo's (width, height) after EXIF rotation; 413/400 with a reason when it isn't acceptable."""
+def _normalize_photo(raw: bytes, settings: Settings) -> tuple[bytes, int, int, float]:
+    """The photo as the JPEG the pipeline works on: (jpeg, width, height, scale).
+
+    ``width``/``height`` are the upright upload's, ``scale`` maps them onto the JPEG;
+    413/400 with a reason when the photo isn't acceptable.
+    """
     if len(raw) > settings.max_image_bytes:
         raise HTTPException(413, f"photo is {len(raw)} bytes, more than the limit of {settings.max_image_bytes}")
     try:
-        with Image.open(io.BytesIO(raw)) as probe:
-            pixels = probe.width * probe.height
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"photo has too many pixels: {e}") from None
-    except Exception as e:
-        raise HTTPException(400, f"photo cannot be decoded: {e}") from None
-    if pixels > settings.max_image_pixels:
-        raise HTTPException(413, f"photo has {probe.width}x{probe.height} pixels, more than the limit of "
-                                 f"{settings.max_image_pixels}")
-    try:
-        img = decode(raw, settings.max_image_pixels)
+        decoded = decode(raw, settings.image_max_side, settings.max_image_pixels)
+    except ImageTooLarge as e:
+        raise HTTPException(413, f"photo: {e}") from None
     except PoisonMessage as e:
         raise HTTPException(400, f"photo: {e}") from None
-    return img.width, img.height
+    width, height = decoded.source_size
+    return to_jpeg(decoded.image), width, height, decoded.scale
 
 
 def _enrich(result: SearchResult, scale: float = 1.0) -> dict:
@@ -290,19 +303,104 @@ def _enrich(result: SearchResult, scale: float = 1.0) -> dict:
 
 
 class RecommendBody(BaseModel):
-    positive: list[str] = Field(min_length=1, max_length=50, description="product ids the shopper liked/viewed")
-    negative: list[str] = Field(default_factory=list, max_length=50, description="product ids to move away from")
-    top_k: int = Field(default=10, ge=1, le=100)
+    model_config = ConfigDict(allow_inf_nan=False)
+    positive: list[ProductId] = Field(min_length=1, max_length=MAX_LIST_ITEMS,
+                                      description="product ids the shopper liked/viewed")
+    negative: list[ProductId] = Field(default_factory=list, max_length=MAX_LIST_ITEMS,
+                                      description="product ids to move away from")
+    top_k: int = Field(default=10, ge=1, le=MAX_TOP_K)
     filters: SearchFilters = Field(default_factory=SearchFilters)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from the counting ``receive``: FastAPI turns other errors while parsing a body into 400."""
+
+
+class BodyLimit:
+    """Refuses POST bodies larger than ``max_image_bytes`` plus form overhead with 413.
+
+    Content-Length is checked before anything is read; bytes are also counted as they
+    arrive, so a chunked body (or one lying about its length) is cut off right past the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_image_bytes: int):
+        self.app = app
+        self.max_image_bytes = max_image_bytes
+        self.limit = max_image_bytes + FORM_OVERHEAD_BYTES
+
+    def _refusal(self, size: str) -> BodyTooLarge:
+        # Connection: close, or the server would go on reading (and dropping) the body to reuse the connection.
+        return BodyTooLarge(413, f"request body is {size} bytes; photos may have at most {self.max_image_bytes} "
+                                 "bytes", headers={"Connection": "close"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await _refuse(scope, receive, send, self._refusal(length))
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._refusal(f"more than {self.limit}")
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge as e:  # tripped outside a route (whose handler answers it): answer here
+            if started:
+                raise
+            await _refuse(scope, receive, send, e)
+
+
+class InflightLimit:
+    """At most ``limit`` requests to ``paths`` at once; beyond that 429 at once, never a queue."""
+
+    def __init__(self, app: ASGIApp, limit: int, paths: tuple[str, ...]):
+        self.app = app
+        self.limit = limit
+        self.paths = paths
+        self._slots = threading.BoundedSemaphore(limit)  # only ever tried, never waited on: fine in any event loop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        if not self._slots.acquire(blocking=False):
+            # Connection: close, or the server would read (and drop) the whole refused upload first.
+            busy = HTTPException(429, f"the gateway is busy with {self.limit} requests; try again in a moment",
+                                 headers={"Retry-After": "1", "Connection": "close"})
+            return await _refuse(scope, receive, send, busy)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._slots.release()
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: HTTPException) -> None:
+    """Answer ``error`` as the app's exception handler would, from a middleware."""
+    await JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)(
+        scope, receive, send)
 
 
 # --------------------------------------------------------------------------- app
 
 
-def create_app(bootstrap_servers: str, store: VectorStore, collection: str,
-               settings: Settings | None = None) -> FastAPI:
+def create_app(bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings | None = None,
+               function_health: Callable[[], dict[str, dict]] | None = None) -> FastAPI:
+    """The gateway app; ``function_health`` reports each pipeline function for /healthz (503 if one is not ok)."""
     settings = settings or Settings()
-    gw = Gateway(bootstrap_servers, store, collection, settings)
+    gw = Gateway(bootstrap_servers, store, collection, settings, function_health)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -326,19 +424,13 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str,
     async def _timeout(request: Request, exc: GatewayTimeout):
         return JSONResponse({"detail": str(exc)}, status_code=504)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Refuse an oversized upload from its Content-Length, before the body is read.
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length and length.isdigit() \
-                and int(length) > settings.max_image_bytes + FORM_OVERHEAD:
-            return JSONResponse({"detail": f"request body is {length} bytes; photos may have at most "
-                                           f"{settings.max_image_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_image_bytes=settings.max_image_bytes)
+    app.add_middleware(InflightLimit, limit=settings.gateway_max_inflight, paths=("/api/search", "/api/recommend"))
 
     @app.post("/api/search", summary="Search by photo", responses={
         400: {"description": "undecodable photo, bad box/filters/top_k"}, 413: {"description": "photo too large"},
-        415: {"description": "not an image"}, 504: {"description": "the pipeline did not answer in time"}})
+        415: {"description": "not an image"}, 429: {"description": "too many searches at once; retry"},
+        504: {"description": "the pipeline did not answer in time"}})
     def search(photo: UploadFile = File(..., description="the shopper's photo (JPEG, PNG, WebP, HEIC...)"),
                box: str | None = Form(None, description="x1,y1,x2,y2 in pixels of the photo: search only there"),
                filters: str | None = Form(None, description='SearchFilters as JSON, e.g. {"categories":["drinks"]}'),
@@ -350,12 +442,12 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str,
         ctype = (photo.content_type or "").lower()
         if ctype and not ctype.startswith(ACCEPTED_TYPES):
             raise HTTPException(415, f"upload a photo (image/*), not {ctype}")
+        top_k, filters = _parse_top_k(top_k), _parse_filters(filters)
         raw = photo.file.read(settings.max_image_bytes + 1)
-        width, height = _check_photo(raw, settings)
-        scale = min(1.0, settings.image_max_side / max(width, height))
-        request = SearchRequest(image=ImageRef(data=base64.b64encode(raw).decode()),
-                                box=_parse_box(box, width, height), top_k=_parse_top_k(top_k),
-                                filters=_parse_filters(filters))
+        jpeg, width, height, scale = _normalize_photo(raw, settings)
+        user_box = _parse_box(box, width, height)  # in pixels of the uploaded photo, published scaled alike
+        request = SearchRequest(image=ImageRef.from_bytes(jpeg), box=user_box.scaled(scale) if user_box else None,
+                                top_k=top_k, filters=filters)
         start = time.monotonic()
         result = gw.request(SEARCH_REQUESTS, request)
         if result.status != "ok":
@@ -367,6 +459,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str,
 
     @app.post("/api/recommend", summary="More like these products", responses={
         400: {"description": "bad request"}, 422: {"description": "none of the products is indexed"},
+        429: {"description": "too many requests at once; retry"},
         504: {"description": "the pipeline did not answer in time"}})
     def recommend(body: RecommendBody) -> dict:
         request = RecommendRequest(positive=body.positive, negative=body.negative, top_k=body.top_k,
@@ -411,7 +504,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str,
             "points": len(payloads),
         }
 
-    @app.get("/healthz", summary="Broker, store and each function's consumer lag")
+    @app.get("/healthz", summary="Broker, store, each function's state and consumer lag")
     def healthz() -> JSONResponse:
         healthy, body = gw.health()
         return JSONResponse(body, status_code=200 if healthy else 503)

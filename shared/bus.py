@@ -17,11 +17,10 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from shared.limits import MAX_MESSAGE_BYTES
 from shared.messages import ALL_TOPICS, dlq_topic
 
 log = logging.getLogger("lookalike.bus")
-
-MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # images travel inline; ingest keeps them well under 1 MB
 
 
 def free_port() -> int:
@@ -106,7 +105,9 @@ def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | N
         wanted = [t for t in (topics or pipeline_topics()) if t not in existing]
         if wanted:
             # DLQs need no parallelism; one partition keeps them easy to read in order.
-            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, 1) for t in wanted]
+            # max.message.bytes: a real Kafka's default (1 MB) is below our wire limit.
+            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, 1,
+                            topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)}) for t in wanted]
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
@@ -149,6 +150,9 @@ def make_consumer(
         # The broker holds an empty fetch this long; every pipeline stage pays it once per
         # message when idle, so it bounds search latency (kafka-python's default is 500 ms).
         fetch_max_wait_ms=fetch_max_wait_ms,
+        # Only ensure_topics creates topics (with our partition count and size limit): a consumer
+        # of a broker that lost its topics must not recreate them with the broker's defaults.
+        allow_auto_create_topics=False,
     )
     if topics:
         consumer.subscribe(topics)
@@ -221,6 +225,10 @@ class OffsetReader:
             committed = consumer.committed(tp) or 0
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - committed)
         return lag
+
+    def group_lags(self, groups: dict[str, tuple[str, ...]]) -> dict[str, int]:
+        """Messages not yet committed, per consumer group (``{group: its topics}``)."""
+        return {group: sum(self.lag(group, list(topics)).values()) for group, topics in groups.items()}
 
     def sizes(self, topics: list[str]) -> dict[str, int]:
         """Messages held per topic (end minus beginning offsets)."""

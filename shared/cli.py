@@ -39,9 +39,13 @@ def _filters(args) -> SearchFilters:
 
 
 def cmd_up(args, settings: Settings) -> None:
-    from shared.service import Stack
+    from shared.service import FUNCTIONS, Stack
 
-    stack = Stack(settings, gateway=not args.no_gateway).start()
+    names = tuple(n.strip() for n in args.functions.split(",") if n.strip()) if args.functions else FUNCTIONS
+    unknown = set(names) - set(FUNCTIONS)
+    if unknown:
+        raise ValueError(f"unknown function(s) {', '.join(sorted(unknown))}; known: {', '.join(FUNCTIONS)}")
+    stack = Stack(settings, names=names, gateway=not args.no_gateway).start()
     print(f"lookalike is up: broker {stack.bootstrap_servers}, store {stack.resources.store.backend}, "
           f"model {stack.resources.model_id}, collection {stack.resources.collection}", flush=True)
     if stack.gateway:
@@ -56,7 +60,7 @@ def cmd_index(args, settings: Settings) -> None:
     from shared.client import Client, read_catalog
     from shared.messages import CATALOG_EVENTS
 
-    client = Client(_bootstrap(settings))
+    client = Client(_bootstrap(settings), settings.topic_partitions)
     try:
         events = read_catalog(Path(args.file))
         if args.no_wait:
@@ -72,7 +76,7 @@ def cmd_index(args, settings: Settings) -> None:
 
             report = client.index(events, progress=progress, timeout_s=args.timeout)
         print(report.summary())
-        if report.dead_lettered:
+        if report.failed:
             raise SystemExit(2)
     finally:
         client.close()
@@ -81,7 +85,7 @@ def cmd_index(args, settings: Settings) -> None:
 def cmd_search(args, settings: Settings) -> None:
     from shared.client import Client, format_result
 
-    client = Client(_bootstrap(settings))
+    client = Client(_bootstrap(settings), settings.topic_partitions)
     try:
         box = Box(x1=args.box[0], y1=args.box[1], x2=args.box[2], y2=args.box[3]) if args.box else None
         start = time.monotonic()
@@ -101,11 +105,12 @@ def cmd_status(args, settings: Settings) -> None:
     from shared.client import Client
     from shared.service import read_stack_file
 
-    client = Client(_bootstrap(settings))
+    client = Client(_bootstrap(settings), settings.topic_partitions)
     status = client.status()
     info = read_stack_file(settings.data_dir) or {}
     status["store"] = {k: info.get(k) for k in ("store", "model", "collection", "points", "notes")}
     status["counters"] = info.get("counters")
+    status["functions"] = info.get("functions")
     if args.json:
         print(json.dumps(status, indent=2))
         return
@@ -115,8 +120,39 @@ def cmd_status(args, settings: Settings) -> None:
     for note in s.get("notes") or []:
         print(f"           {note}")
     print("topics     " + ", ".join(f"{t}={n}" for t, n in status["topics"].items()))
-    print("lag        " + ", ".join(f"{f}={sum(v.values())}" for f, v in status["lag"].items()))
+    print("lag        " + ", ".join(f"{group.removeprefix('lookalike-')}={n}" for group, n in status["lag"].items()))
+    functions = status["functions"] or {}
+    print("functions  " + (", ".join(f"{name}={h['state']}" + (f" ({h['restarts']} restarts)" if h["restarts"] else "")
+                                     for name, h in functions.items()) or "unknown (no stack file)"))
+    for name, h in functions.items():
+        if not h["ok"] and h.get("last_error"):
+            print(f"           {name}: {h['last_error']}")
     print("dlq        " + (", ".join(f"{t}={n}" for t, n in status["dlq"].items() if n) or "none"))
+
+
+def cmd_dlq(args, settings: Settings) -> None:
+    from shared.client import Client
+    from shared.messages import ALL_TOPICS
+
+    topic = args.topic.removesuffix(".dlq")
+    if topic not in ALL_TOPICS:
+        raise ValueError(f"unknown topic {args.topic!r}; topics with a DLQ: {', '.join(ALL_TOPICS)}")
+    client = Client(_bootstrap(settings), settings.topic_partitions)
+    try:
+        if args.action == "show":
+            records = client.dlq_records(topic)
+            for r in records[-args.limit:] if args.limit else records:
+                print(f"{r['headers'].get('dlq.source', '?')}  key={(r['key'] or b'').decode(errors='replace')}  "
+                      f"{r['reason']}")
+            print(f"{len(records)} records in {topic}.dlq")
+            return
+        replayed = client.replay_dlq(topic, limit=args.limit, dry_run=args.dry_run)
+        for r in replayed:
+            print(f"{r['source']}  key={(r['key'] or b'').decode(errors='replace')}  was: {r['reason']}")
+        verb = "would replay" if args.dry_run else "replayed"
+        print(f"{verb} {len(replayed)} records from {topic}.dlq to {topic}")
+    finally:
+        client.close()
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -187,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("up", help="run the embedded stack (broker, four functions, store, web page) until Ctrl-C")
     p.add_argument("--no-gateway", action="store_true", help="don't serve the web page and HTTP API")
+    p.add_argument("--functions", help="comma-separated functions to run here (default: all four); "
+                                       "run the others as `python -m functions.<name>`")
 
     p = sub.add_parser("index", help="publish catalogue events from a JSONL file and wait until indexed")
     p.add_argument("file")
@@ -210,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("status", help="topics, consumer lag, DLQ counts, points in the store")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("dlq", help="show a topic's dead letters, or replay them into the topic")
+    p.add_argument("action", choices=["show", "replay"])
+    p.add_argument("topic", help="the source topic (e.g. catalog.events) or its .dlq")
+    p.add_argument("--limit", type=int, help="at most this many (show: the last N)")
+    p.add_argument("--dry-run", action="store_true", help="replay: list what would be replayed, publish nothing")
+
     p = sub.add_parser("demo", help="index a generated sample catalogue and run a photo search")
     p.add_argument("--products", type=int, default=DEMO_PRODUCTS)
     p.add_argument("--query", type=int, default=0, help="which sample query photo to search with")
@@ -228,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.data_dir:
         os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
     settings = Settings()
-    handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo}
+    handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo,
+                "dlq": cmd_dlq}
     handlers.update(quality_handlers)
     try:
         handlers[args.command](args, settings)

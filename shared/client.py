@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata
 from pydantic import TypeAdapter
 
-from shared.bus import OffsetReader, make_producer, tail_consumer, topic_partitions
+from shared.bus import OffsetReader, ensure_topics, make_producer, tail_consumer, topic_partitions
+from shared.config import Settings
+from shared.errors import PoisonMessage
+from shared.images import normalize
+from shared.limits import INLINE_IMAGE_BYTES, MAX_MESSAGE_BYTES, fits_message
 from shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
     CATALOG_INDEXED,
-    FUNCTION_INPUTS,
-    IMAGES_DETECTED,
-    IMAGES_NORMALIZED,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
     SEARCH_RESULTS,
@@ -34,33 +36,53 @@ from shared.messages import (
     SearchResult,
     dlq_topic,
 )
+from shared.runtime import CONSUMER_GROUPS
 
 # The index path, stage by stage: (consumer group, its input topic).
-INDEX_STAGES = (
-    ("lookalike-ingest", CATALOG_EVENTS),
-    ("lookalike-detect", IMAGES_NORMALIZED),
-    ("lookalike-embed", IMAGES_DETECTED),
-)
+INDEX_STAGES = tuple((group, CONSUMER_GROUPS[group][0])
+                     for group in ("lookalike-ingest", "lookalike-detect", "lookalike-embed"))
+DLQ_REPLAY_GROUP = "lookalike-dlq-replay"  # remembers how far `lookalike dlq replay` got
 _catalog_adapter = TypeAdapter(CatalogEvent)
 
 
-def read_catalog(path: Path) -> list[Message]:
-    """Parse a JSONL catalogue file; local image paths are inlined as base64 data."""
+def read_catalog(path: Path, settings: Settings | None = None) -> list[Message]:
+    """Parse a JSONL catalogue file; local image paths are inlined as base64 data.
+
+    A local file larger than the inline budget is normalised first (as ingest would); an
+    event that still does not fit one message raises ValueError naming its line and sizes.
+    """
+    settings = settings or Settings()
     events = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{n}"
         try:
             event = _catalog_adapter.validate_json(line)
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         if isinstance(event, CatalogUpsert):
-            event.images = [
-                ImageRef.from_bytes((path.parent / ref.path).read_bytes()) if ref.path else ref
-                for ref in event.images
-            ]
+            event.images = [_inline(path.parent / ref.path, settings, where) if ref.path else ref
+                            for ref in event.images]
+        value = event.to_bytes()
+        if not fits_message(event.key().encode(), value):
+            images = [len(ref.data) * 3 // 4 for ref in getattr(event, "images", []) if ref.data]
+            raise ValueError(f"{where}: product {event.product_id} would be a {len(value)}-byte message with its "
+                             f"{len(images)} images inlined ({', '.join(map(str, images))} bytes), over the "
+                             f"{MAX_MESSAGE_BYTES}-byte message limit; give some images as URLs")
         events.append(event)
     return events
+
+
+def _inline(file: Path, settings: Settings, where: str) -> ImageRef:
+    """A local image as inline data, normalised as ingest would when it is over the inline budget."""
+    raw = file.read_bytes()
+    if len(raw) > INLINE_IMAGE_BYTES:
+        try:
+            raw = normalize(raw, settings.image_max_side, settings.max_image_pixels)[0]
+        except PoisonMessage as e:
+            raise ValueError(f"{where}: image {file}: {e}") from None
+    return ImageRef.from_bytes(raw)
 
 
 @dataclass
@@ -68,24 +90,34 @@ class IndexReport:
     """What the pipeline did with a batch of catalogue events (counted from its own reports)."""
 
     published: int = 0
-    outcomes: dict[str, int] = field(default_factory=lambda: {"indexed": 0, "unchanged": 0, "deleted": 0})
+    outcomes: dict[str, int] = field(default_factory=lambda: {"indexed": 0, "unchanged": 0, "deleted": 0,
+                                                              "incomplete": 0})
     dead_lettered: list[tuple[str, str]] = field(default_factory=list)  # (product id, reason)
+    incomplete: list[tuple[str, int]] = field(default_factory=list)  # (product id, images without points)
     seconds: float = 0.0
 
     @property
     def finished(self) -> int:
         return sum(self.outcomes.values()) + len(self.dead_lettered)
 
+    @property
+    def failed(self) -> int:
+        """Events that did not reach the store whole: re-send them (after fixing what the reasons say)."""
+        return self.outcomes["incomplete"] + len(self.dead_lettered)
+
     def summary(self) -> str:
         parts = [f"{n} {name}" for name, n in self.outcomes.items()] + [f"{len(self.dead_lettered)} dead-lettered"]
         lines = [f"{', '.join(parts)} in {self.seconds:.1f} s"]
         lines += [f"  dead-lettered {pid}: {reason}" for pid, reason in self.dead_lettered]
+        lines += [f"  incomplete {pid}: {n} image(s) have no points (dead-lettered on the way; see "
+                  f"`lookalike status`), send the event again" for pid, n in self.incomplete]
         return "\n".join(lines)
 
 
 class Client:
-    def __init__(self, bootstrap_servers: str):
+    def __init__(self, bootstrap_servers: str, topic_partitions: int = 4):
         self.bootstrap_servers = bootstrap_servers
+        self.topic_partitions = topic_partitions  # for topics it has to create (a broker that lost them)
         self._producer = None
         self.offsets = OffsetReader(bootstrap_servers)
         self._results_consumer: KafkaConsumer | None = None
@@ -123,6 +155,8 @@ class Client:
         """
         report = IndexReport()
         start = time.monotonic()
+        # A memory-only broker that restarted has lost its topics: recreate them before watching.
+        ensure_topics(self.bootstrap_servers, self.topic_partitions)
         # Opened before publishing: every report we need comes after its position.
         watcher = tail_consumer(self.bootstrap_servers, [CATALOG_INDEXED, dlq_topic(CATALOG_EVENTS)], "lookalike-cli")
         try:
@@ -136,27 +170,52 @@ class Client:
                 by_event[event.event_id] += 1
                 by_source[f"{CATALOG_EVENTS}[{meta.partition}]@{meta.offset}"] = event
             report.published = len(futures)
-            while report.finished < report.published:
+            incomplete: dict[str, tuple[str, int]] = {}  # event id -> (product id, images without points)
+            # Follow until every event is finished; an "incomplete" report is final only once
+            # nothing of the index path is in flight any more: a batch retried after a failed
+            # send can deliver an event's sync before its images, and then a later report of
+            # the same event says "indexed".
+            last_reports: dict = {}  # report offsets once nothing is in flight: no report comes after them
+
+            def settled() -> bool:
+                if report.finished < report.published:
+                    return False
+                if not incomplete:
+                    return True
+                if not last_reports:
+                    if self.index_lag():
+                        return False
+                    last_reports.update(watcher.end_offsets(list(watcher.assignment())))
+                return all(watcher.position(tp) >= end for tp, end in last_reports.items())
+
+            while not settled():
                 if time.monotonic() - start > timeout_s:
                     missing = report.published - report.finished
                     raise TimeoutError(f"{missing} events not finished after {timeout_s:.0f} s")
                 for tp, records in watcher.poll(timeout_ms=200).items():
                     for r in records:
-                        self._account(report, r, tp.topic == CATALOG_INDEXED, by_event, by_source)
+                        self._account(report, r, tp.topic == CATALOG_INDEXED, by_event, by_source, incomplete)
                 report.seconds = time.monotonic() - start
                 if progress:
                     progress(report)
+            report.incomplete = sorted(incomplete.values())
         finally:
             watcher.close(autocommit=False)
         return report
 
     @staticmethod
-    def _account(report: IndexReport, record, applied: bool, by_event, by_source) -> None:
+    def _account(report: IndexReport, record, applied: bool, by_event, by_source, incomplete) -> None:
         if applied:
             done = CatalogIndexed.model_validate_json(record.value)
-            if by_event.get(done.event_id, 0) > 0:
+            if done.event_id in incomplete and done.outcome != "incomplete":
+                del incomplete[done.event_id]  # a retried batch delivered the rest: it is complete now
+                report.outcomes["incomplete"] -= 1
+                report.outcomes[done.outcome] += 1
+            elif by_event.get(done.event_id, 0) > 0:
                 by_event[done.event_id] -= 1
                 report.outcomes[done.outcome] += 1
+                if done.outcome == "incomplete":
+                    incomplete[done.event_id] = (done.product_id, done.missing_images)
             return
         headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
         event = by_source.pop(headers.get("dlq.source", ""), None)
@@ -222,11 +281,54 @@ class Client:
             consumer.close()
         return out
 
+    def replay_dlq(self, topic: str, limit: int | None = None, dry_run: bool = False,
+                   timeout_s: float = 60.0) -> list[dict]:
+        """Publish ``topic``'s dead letters back to ``topic`` (after fixing what their reasons say).
+
+        Reads ``<topic>.dlq`` from where the last replay stopped (consumer group
+        ``lookalike-dlq-replay``) up to its end as of now, re-publishes each record with
+        its key and value, then commits. A crash between publishing and committing
+        replays those records again: the pipeline takes events at least once and
+        idempotently, so that is safe. Returns what was (or, dry run, would be) replayed.
+        """
+        source = dlq_topic(topic)
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=DLQ_REPLAY_GROUP,
+                                 enable_auto_commit=False, auto_offset_reset="earliest", client_id="lookalike-cli")
+        replayed: list[dict] = []
+        try:
+            tps = topic_partitions(consumer, source)
+            consumer.assign(tps)
+            ends = consumer.end_offsets(tps)
+            deadline = time.monotonic() + timeout_s
+            futures, last = [], {}
+            while any(consumer.position(tp) < ends[tp] for tp in tps) and (limit is None or len(replayed) < limit):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {source} took more than {timeout_s:.0f} s")
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    for r in records:
+                        if r.offset >= ends[tp] or (limit is not None and len(replayed) >= limit):
+                            break
+                        headers = [(k, v) for k, v in r.headers or [] if not k.startswith("dlq.")]
+                        reason = dict(r.headers or []).get("dlq.reason", b"").decode(errors="replace")
+                        replayed.append({"source": f"{source}[{r.partition}]@{r.offset}", "key": r.key,
+                                         "reason": reason})
+                        last[tp] = r.offset
+                        if not dry_run:
+                            futures.append(self.producer.send(topic, key=r.key, value=r.value, headers=headers + [
+                                ("dlq.replayed_from", f"{source}[{r.partition}]@{r.offset}".encode())]))
+            if not dry_run and replayed:
+                self.producer.flush(timeout=60)
+                for f in futures:
+                    f.get(timeout=30)
+                consumer.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()})
+        finally:
+            consumer.close(autocommit=False)
+        return replayed
+
     def status(self) -> dict:
         return {
             "topics": self.offsets.sizes(list(ALL_TOPICS)),
-            "lag": {name: self.offsets.lag(f"lookalike-{name}", list(topics))
-                    for name, topics in FUNCTION_INPUTS.items()},
+            "lag": self.offsets.group_lags(CONSUMER_GROUPS),
             "dlq": self.offsets.sizes([dlq_topic(t) for t in ALL_TOPICS]),
         }
 

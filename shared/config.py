@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
@@ -39,15 +41,23 @@ class Settings(BaseSettings):
     # Longer than the worst stall we allow in the process (Qdrant Edge optimize() holds the GIL),
     # short enough that Tansu's first group join stays quick (see docs/architecture.md).
     session_timeout_ms: int = 10000
-    max_attempts: int = 3  # an unexpected handler error this many times dead-letters the record
+    # A record whose handler fails unexpectedly, or whose own source (an image URL) keeps failing,
+    # this many times is dead-lettered with the reason. Store and broker outages are retried
+    # without a cap (they are nobody's record's fault) and show in /healthz meanwhile.
+    max_attempts: int = 3
     backoff_max_s: float = 30.0
+    # A function's runner that crashes is restarted with backoff up to this long; one that has not
+    # finished a poll loop for stuck_after_s (a hung handler) turns /healthz to 503.
+    restart_backoff_max_s: float = 30.0
+    stuck_after_s: float = 120.0
 
-    # Input limits (poison beyond them).
-    image_max_side: int = 640
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    # Input limits (poison beyond them; 413/429 at the gateway). Why these values: shared/limits.py.
+    image_max_side: int = limits.IMAGE_MAX_SIDE
+    max_image_bytes: int = limits.MAX_IMAGE_BYTES
+    max_image_pixels: int = limits.MAX_IMAGE_PIXELS
     url_timeout_s: float = 10.0
     allow_private_urls: bool = False  # ingest refuses loopback/private/link-local hosts unless set
+    gateway_max_inflight: int = limits.GATEWAY_MAX_INFLIGHT  # searches + recommendations at once
 
     # Query.
     search_oversample: int = 5  # fetch top_k * this many points, then collapse to one per product

@@ -19,3 +19,11 @@ class TransientError(Exception):
 
 class StoreUnavailable(TransientError):
     """The vector store did not answer or refused a write."""
+
+
+class SourceUnavailable(TransientError):
+    """A record's own external source (an image URL) failed in a way that may pass (5xx, 429, timeout).
+
+    Unlike infrastructure failures this is the record's problem: the runner retries it a
+    bounded number of times, pausing only its partition, then dead-letters it with the reason.
+    """

@@ -330,10 +330,9 @@ def cmd_finetune(args, settings) -> None:
 def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -> dict:
     """Rebuild ``model_id``'s collection from a catalogue file through the embedded pipeline.
 
-    The store keeps no image bytes (only image ids, in the catalogue-state companion
-    collection), so the images come from the catalogue file. Each listed product's
-    catalogue state is cleared first, so ingest treats every image as new and embed
-    rewrites its points (point ids are deterministic: nothing is duplicated).
+    The store keeps no image bytes (only image ids), so the images come from the
+    catalogue file. Each listed product's points in this collection are removed first,
+    so ingest treats every image as new and embed writes them again.
     """
     from shared.client import Client, read_catalog
     from shared.messages import CATALOG_EVENTS
@@ -344,9 +343,8 @@ def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -
     t0 = time.monotonic()
     with Stack(settings) as stack:
         store, coll = stack.resources.store, stack.resources.collection
-        store.ensure_catalog(coll)
         for pid in {getattr(e, "product_id", None) for e in events} - {None}:
-            store.set_catalog_state(coll, pid, None)
+            store.delete_product(coll, pid)  # ingest then finds no points and embeds every image anew
         client = Client(stack.bootstrap_servers)
         try:
             client.publish(CATALOG_EVENTS, events)

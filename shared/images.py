@@ -1,7 +1,7 @@
 """Image I/O shared by the functions: fetch a source, normalise it, crop objects.
 
 Every failure that is the input's fault raises ``PoisonMessage`` with a reason a
-catalogue team can act on; network trouble fetching a URL is ``TransientError``.
+catalogue team can act on; fetching URLs lives in :mod:`shared.fetch`.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import base64
 import binascii
 import hashlib
 import io
-import ipaddress
-import socket
-import warnings
-from urllib.parse import urlsplit
+import math
+import threading
+from dataclasses import dataclass
 
-import httpx
 from pi_heif import register_heif_opener
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageMode
 
-from shared.errors import PoisonMessage, TransientError
+from shared.errors import PoisonMessage
+from shared.fetch import fetch_url
+from shared.limits import MAX_CONCURRENT_DECODES, MAX_DECODE_BYTES
 from shared.messages import Box, ImageRef
 
 # Phones upload HEIC. Registering here also matters because ultralytics patches
@@ -30,42 +30,6 @@ register_heif_opener()
 def image_id(raw: bytes) -> str:
     """Stable id of a source image: the hash of its bytes."""
     return hashlib.sha256(raw).hexdigest()[:32]
-
-
-def check_url(url: str, allow_private: bool = False) -> None:
-    """Refuse URLs that are not http(s) or that resolve to a non-public address (SSRF)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PoisonMessage(f"refused URL {url[:200]!r}: only http and https URLs with a host are fetched")
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except socket.gaierror as e:
-        raise PoisonMessage(f"refused URL {url[:200]!r}: host does not resolve ({e})") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if not addr.is_global:
-            raise PoisonMessage(f"refused URL {url[:200]!r}: {parts.hostname} resolves to non-public address {addr}")
-
-
-def fetch_url(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False) -> bytes:
-    check_url(url, allow_private)
-    try:
-        with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=False) as resp:
-            if resp.status_code >= 500 or resp.status_code == 429:
-                raise TransientError(f"GET {url[:200]} answered {resp.status_code}")
-            if resp.status_code != 200:
-                raise PoisonMessage(f"GET {url[:200]} answered {resp.status_code}")
-            chunks, size = [], 0
-            for chunk in resp.iter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PoisonMessage(f"image at {url[:200]} is larger than {max_bytes} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.TransportError as e:
-        raise TransientError(f"GET {url[:200]} failed: {e}") from e
 
 
 def load_source(ref: ImageRef, max_bytes: int, timeout_s: float, allow_private: bool = False) -> bytes:
@@ -82,24 +46,103 @@ def load_source(ref: ImageRef, max_bytes: int, timeout_s: float, allow_private: 
     raise PoisonMessage("local image paths are not accepted on a topic; send url or data")
 
 
-def decode(raw: bytes, max_pixels: int) -> Image.Image:
-    """Decode, apply EXIF rotation, convert to RGB. Poison if undecodable or too large."""
+class ImageTooLarge(PoisonMessage):
+    """An image past a size limit (pixels, decoding memory): 413 at the gateway, poison in a function."""
+
+
+# Decodes running at once in this process: their pixel buffers are what takes the memory.
+_decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
+# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose),
+# applied after shrinking so that the full-size image is never copied for it.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_SIDES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                Image.Transpose.ROTATE_90}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image  # upright RGB, longest side capped
+    source_size: tuple[int, int]  # of the upright source
+
+    @property
+    def scale(self) -> float:
+        """Maps pixel coordinates of the upright source onto ``image`` (from the longest sides: exact)."""
+        return max(self.image.size) / max(self.source_size)
+
+
+def decode_bytes(mode: str, size: tuple[int, int]) -> int:
+    """Bytes of pixel buffers that decoding an image of ``mode`` and ``size`` to RGB allocates."""
+    try:
+        desc = ImageMode.getmode(mode)
+        # Pillow keeps multi-band pixels in 4 bytes, single bands in their type's size (I;16: 2, F: 4).
+        per_pixel = 4 if len(desc.bands) > 1 else int(desc.typestr[-1])
+    except KeyError:  # a mode Pillow does not describe: assume the widest
+        per_pixel = 8
+    if mode != "RGB":
+        per_pixel += 4  # its RGB copy
+    return size[0] * size[1] * per_pixel
+
+
+def _check_decode_bytes(img: Image.Image, source_size: tuple[int, int]) -> None:
+    need = decode_bytes(img.mode, img.size)
+    if need > MAX_DECODE_BYTES:
+        w, h = source_size
+        raise ImageTooLarge(f"a {w}x{h} {img.mode} image takes {need >> 20} MiB to decode, more than "
+                            f"{MAX_DECODE_BYTES >> 20} MiB")
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled so that its longest side is at most ``max_side`` (rounded up)."""
+    factor = min(1.0, max_side / max(size))
+    return max(1, math.ceil(size[0] * factor)), max(1, math.ceil(size[1] * factor))
+
+
+def decode(raw: bytes, max_side: int, max_pixels: int) -> Decoded:
+    """Decode to an upright RGB image with its longest side at most ``max_side``.
+
+    ``PoisonMessage`` if undecodable, ``ImageTooLarge`` past ``max_pixels`` or MAX_DECODE_BYTES,
+    both before any pixel is allocated. JPEGs decode at the smallest DCT scale (1/2..1/8) that
+    still gives ``max_side``; at most MAX_CONCURRENT_DECODES decodes run at once.
+    """
     if not raw:
         raise PoisonMessage("image is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            if img.width * img.height > max_pixels:
-                raise PoisonMessage(f"image has {img.width}x{img.height} pixels, more than {max_pixels}")
+        img = Image.open(io.BytesIO(raw))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image has {width}x{height} pixels, more than {max_pixels}")
+        img.draft("RGB", _fit(img.size, max_side))  # only JPEG implements it; changes img.size
+        _check_decode_bytes(img, (width, height))
+        with _decode_slots:
             img.load()
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+            method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        if method is not None:
+            img = img.transpose(method)
     except PoisonMessage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"image has too many pixels: {e}") from None
+    except Exception as e:  # Pillow raises many types on malformed input (OSError, SyntaxError, EOFError...)
         raise PoisonMessage(f"image cannot be decoded: {e}") from None
+    upright = (height, width) if method in _SWAPS_SIDES else (width, height)
+    return Decoded(img, upright)
+
+
+def to_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 def normalize(raw: bytes, max_side: int, max_pixels: int, quality: int = 90) -> tuple[bytes, int, int, float]:
@@ -107,26 +150,21 @@ def normalize(raw: bytes, max_side: int, max_pixels: int, quality: int = 90) -> 
 
     ``scale`` maps pixel coordinates of the (EXIF-rotated) source onto the result.
     """
-    img = decode(raw, max_pixels)
-    source_width = img.width
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), img.width, img.height, img.width / source_width
+    decoded = decode(raw, max_side, max_pixels)
+    return to_jpeg(decoded.image, quality), decoded.image.width, decoded.image.height, decoded.scale
 
 
 def thumbnail(jpeg: bytes, side: int, quality: int = 75) -> bytes:
     """A small JPEG of a normalised image, for result cards."""
     img = open_jpeg(jpeg)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
+    return to_jpeg(img, quality)
 
 
 def open_jpeg(data: bytes) -> Image.Image:
+    """A normalised image (ingest wrote it) as RGB, held to MAX_DECODE_BYTES like any decode."""
     img = Image.open(io.BytesIO(data))
+    _check_decode_bytes(img, img.size)
     img.load()
     return img.convert("RGB")
 

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared import limits
+
 SCHEMA_VERSION = 1
 THUMBNAIL_SIDE = 160
 
@@ -63,10 +65,23 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class Message(BaseModel):
-    """Base of every wire message: strict about unknown fields, versioned."""
+# Text a client can send, capped so that the largest valid message fits the wire (shared/limits.py).
+Id = Annotated[str, Field(min_length=1, max_length=limits.MAX_ID_CHARS)]
+ProductId = Annotated[str, Field(min_length=1, max_length=limits.MAX_PRODUCT_ID_CHARS)]
+Title = Annotated[str, Field(max_length=limits.MAX_TITLE_CHARS)]
+Name = Annotated[str, Field(max_length=limits.MAX_NAME_CHARS)]  # category, brand, shop, filter value
+Url = Annotated[str, Field(max_length=limits.MAX_URL_CHARS)]
 
-    model_config = ConfigDict(extra="forbid")
+
+class Part(BaseModel):
+    """Base of every model on the wire: unknown fields and non-finite floats (1e999, NaN) are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Message(Part):
+    """Base of every wire message: versioned, keyed."""
+
     schema_version: Literal[1] = SCHEMA_VERSION
 
     def key(self) -> str:
@@ -80,26 +95,24 @@ class Message(BaseModel):
 # --------------------------------------------------------------------------- parts
 
 
-class Offer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    shop: str = Field(min_length=1)
+class Offer(Part):
+    shop: Name = Field(min_length=1)
     price: float = Field(ge=0)
-    currency: str = Field(default="EUR", min_length=3, max_length=3)
-    url: str | None = None
+    currency: str = Field(default="EUR", min_length=limits.CURRENCY_CHARS, max_length=limits.CURRENCY_CHARS)
+    url: Url | None = None
     in_stock: bool = True
 
 
-class ImageRef(BaseModel):
+class ImageRef(Part):
     """Where an image comes from: exactly one of ``url`` (http/https) or ``data`` (base64).
 
     ``path`` is only accepted in catalogue files read by ``lookalike index``, which
     inlines the bytes as ``data`` before publishing; it never travels on a topic.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    url: str | None = None
-    data: str | None = None
-    path: str | None = None
+    url: Url | None = None
+    data: str | None = Field(default=None, max_length=limits.MAX_MESSAGE_BYTES)
+    path: Url | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageRef":
@@ -113,10 +126,9 @@ class ImageRef(BaseModel):
         return cls(data=base64.b64encode(raw).decode())
 
 
-class Box(BaseModel):
+class Box(Part):
     """Pixel box ``[x1, y1, x2, y2]`` in the coordinates of the normalised image."""
 
-    model_config = ConfigDict(extra="forbid")
     x1: float
     y1: float
     x2: float
@@ -131,27 +143,29 @@ class Box(BaseModel):
     def as_list(self) -> list[float]:
         return [self.x1, self.y1, self.x2, self.y2]
 
+    def scaled(self, factor: float) -> "Box":
+        """The same region in an image resized by ``factor``."""
+        return Box(x1=self.x1 * factor, y1=self.y1 * factor, x2=self.x2 * factor, y2=self.y2 * factor)
 
-class SearchFilters(BaseModel):
+
+class SearchFilters(Part):
     """Filters applied inside the vector search (payload conditions), not afterwards."""
 
-    model_config = ConfigDict(extra="forbid")
-    categories: list[str] | None = None
-    shops: list[str] | None = None
+    categories: list[Name] | None = Field(default=None, max_length=limits.MAX_LIST_ITEMS)
+    shops: list[Name] | None = Field(default=None, max_length=limits.MAX_LIST_ITEMS)
     price_min: float | None = Field(default=None, ge=0)
     price_max: float | None = Field(default=None, ge=0)
     in_stock: bool | None = None
 
 
-class ProductInfo(BaseModel):
+class ProductInfo(Part):
     """The catalogue fields stored with every point of a product."""
 
-    model_config = ConfigDict(extra="forbid")
-    product_id: str
-    title: str = ""
-    category: str = ""
-    brand: str = ""
-    offers: list[Offer] = Field(default_factory=list)
+    product_id: ProductId
+    title: Title = ""
+    category: Name = ""
+    brand: Name = ""
+    offers: list[Offer] = Field(default_factory=list, max_length=limits.MAX_OFFERS)
 
     def payload(self) -> dict:
         """Store payload fields derived from the product (shared by all its points)."""
@@ -175,13 +189,13 @@ class CatalogUpsert(Message):
     """A product was created or changed (catalog.events, keyed by product_id)."""
 
     type: Literal["upsert"] = "upsert"
-    event_id: str = Field(default_factory=new_id)
-    product_id: str = Field(min_length=1, max_length=200)
-    title: str = ""
-    category: str = ""
-    brand: str = ""
-    images: list[ImageRef] = Field(min_length=1, max_length=20)
-    offers: list[Offer] = Field(default_factory=list)
+    event_id: Id = Field(default_factory=new_id)
+    product_id: ProductId
+    title: Title = ""
+    category: Name = ""
+    brand: Name = ""
+    images: list[ImageRef] = Field(min_length=1, max_length=limits.MAX_IMAGES_PER_EVENT)
+    offers: list[Offer] = Field(default_factory=list, max_length=limits.MAX_OFFERS)
 
     def key(self) -> str:
         return self.product_id
@@ -200,8 +214,8 @@ class CatalogDelete(Message):
     """A product left the catalogue: every point of it is removed."""
 
     type: Literal["delete"] = "delete"
-    event_id: str = Field(default_factory=new_id)
-    product_id: str = Field(min_length=1, max_length=200)
+    event_id: Id = Field(default_factory=new_id)
+    product_id: ProductId
 
     def key(self) -> str:
         return self.product_id
@@ -216,10 +230,10 @@ CatalogEvent = Annotated[CatalogUpsert | CatalogDelete, Field(discriminator="typ
 class SearchRequest(Message):
     """A shopper's photo search (search.requests, keyed by request_id)."""
 
-    request_id: str = Field(default_factory=new_id)
+    request_id: Id = Field(default_factory=new_id)
     image: ImageRef
     box: Box | None = None  # user-selected region: detection is skipped
-    top_k: int = Field(default=10, ge=1, le=100)
+    top_k: int = Field(default=10, ge=1, le=limits.MAX_TOP_K)
     filters: SearchFilters = Field(default_factory=SearchFilters)
 
     def key(self) -> str:
@@ -229,10 +243,10 @@ class SearchRequest(Message):
 class RecommendRequest(Message):
     """"More like what I viewed" (recommend.requests, keyed by request_id)."""
 
-    request_id: str = Field(default_factory=new_id)
-    positive: list[str] = Field(min_length=1, max_length=50)
-    negative: list[str] = Field(default_factory=list, max_length=50)
-    top_k: int = Field(default=10, ge=1, le=100)
+    request_id: Id = Field(default_factory=new_id)
+    positive: list[ProductId] = Field(min_length=1, max_length=limits.MAX_LIST_ITEMS)
+    negative: list[ProductId] = Field(default_factory=list, max_length=limits.MAX_LIST_ITEMS)
+    top_k: int = Field(default=10, ge=1, le=limits.MAX_TOP_K)
     filters: SearchFilters = Field(default_factory=SearchFilters)
 
     def key(self) -> str:
@@ -242,22 +256,20 @@ class RecommendRequest(Message):
 # --------------------------------------------------------------------------- pipeline stages
 
 
-class IndexContext(BaseModel):
+class IndexContext(Part):
     """What an index-intent image carries for the store."""
 
-    model_config = ConfigDict(extra="forbid")
-    event_id: str
+    event_id: Id
     product: ProductInfo
     image_index: int = Field(ge=0)
-    image_url: str | None = None
+    image_url: Url | None = None
     thumbnail: str | None = None  # base64 JPEG, longest side THUMBNAIL_SIDE: result pages show it
 
 
-class QueryContext(BaseModel):
+class QueryContext(Part):
     """What a query-intent image carries for the query function."""
 
-    model_config = ConfigDict(extra="forbid")
-    request_id: str
+    request_id: Id
     top_k: int
     filters: SearchFilters
 
@@ -266,7 +278,7 @@ class NormalizedImage(Message):
     """images.normalized: RGB JPEG, EXIF-rotated, longest side capped, bytes inline."""
 
     intent: Literal["index", "query"]
-    image_id: str  # sha256 of the source bytes
+    image_id: Id  # sha256 of the source bytes
     jpeg: str  # base64
     width: int
     height: int
@@ -309,9 +321,9 @@ class ProductSync(Message):
     """
 
     intent: Literal["sync"] = "sync"
-    event_id: str
-    product_id: str
-    keep_image_ids: list[str] = Field(default_factory=list)
+    event_id: Id
+    product_id: ProductId
+    keep_image_ids: list[Id] = Field(default_factory=list, max_length=limits.MAX_IMAGES_PER_EVENT)
     product: ProductInfo | None = None  # None for a delete
     outcome: Literal["indexed", "unchanged", "deleted"] = "indexed"
     new_images: int = 0
@@ -320,8 +332,7 @@ class ProductSync(Message):
         return self.product_id
 
 
-class DetectedObject(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetectedObject(Part):
     box: Box
     label: str
     score: float
@@ -334,13 +345,18 @@ class DetectedImage(NormalizedImage):
 
 
 class CatalogIndexed(Message):
-    """catalog.indexed: a catalogue event is fully applied to the store (progress and audit)."""
+    """catalog.indexed: a catalogue event reached the store (progress and audit).
+
+    ``incomplete``: some of its images have no points (one was dead-lettered on the way);
+    the product is not "unchanged" for the next send of the event, which indexes them.
+    """
 
     event_id: str
     product_id: str
-    outcome: Literal["indexed", "unchanged", "deleted"]
+    outcome: Literal["indexed", "unchanged", "deleted", "incomplete"]
     new_images: int = 0  # images that went through detect and embed
-    images: int = 0  # images the product has after the event
+    images: int = 0  # images the product has points for after the event
+    missing_images: int = 0  # images the event named that have no points
 
     def key(self) -> str:
         return self.product_id
@@ -350,8 +366,7 @@ NormalizedMessage = Annotated[NormalizedImage | ProductSync, Field(discriminator
 DetectedMessage = Annotated[DetectedImage | ProductSync, Field(discriminator="intent")]
 
 
-class QueryObject(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QueryObject(Part):
     box: Box
     label: str
     score: float
@@ -361,7 +376,7 @@ class QueryObject(BaseModel):
 class QueryVectors(Message):
     """query.vectors: one search's embedded objects."""
 
-    request_id: str
+    request_id: Id
     model: str
     top_k: int
     filters: SearchFilters
@@ -382,10 +397,9 @@ class ComparedOffer(Offer):
     product_id: str
 
 
-class MatchedProduct(BaseModel):
+class MatchedProduct(Part):
     """One result entry: a product, or several listings of the same item merged for price comparison."""
 
-    model_config = ConfigDict(extra="forbid")
     product_id: str
     score: float
     title: str = ""
@@ -398,8 +412,7 @@ class MatchedProduct(BaseModel):
     merged_product_ids: list[str] = Field(default_factory=list)  # other listings of the same item
 
 
-class ObjectResults(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ObjectResults(Part):
     box: Box | None = None
     label: str = "image"
     score: float = 1.0

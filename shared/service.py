@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.bus import TansuBroker, ensure_topics
 from shared.config import Settings
-from shared.runtime import Function, Runner
+from shared.runtime import Function, Runner, Supervisor
 from shared.stores import CollectionSpec, VectorStore, open_store
 
 log = logging.getLogger("lookalike")
@@ -106,8 +106,7 @@ class Stack:
         self.broker: TansuBroker | None = None
         self.resources: Resources | None = None
         self.functions: dict[str, Function] = {}
-        self.runners: dict[str, Runner] = {}
-        self.threads: list[threading.Thread] = []
+        self.supervisors: dict[str, Supervisor] = {}  # one per function lane, keyed by runner name
         self.bootstrap_servers = ""
         self.started_at = 0.0
 
@@ -124,23 +123,21 @@ class Stack:
         for note in self.resources.notes:
             log.info("%s", note)
         for name in self.names:
-            fn = self.resources.build(name)
-            runner = Runner.from_settings(fn, s, self.bootstrap_servers)
-            thread = threading.Thread(target=runner.run, name=name, daemon=True)
-            self.functions[name], self.runners[name] = fn, runner
-            self.threads.append(thread)
-            thread.start()
+            fn = self.functions[name] = self.resources.build(name)
+            for supervisor in supervise(fn, s, self.bootstrap_servers):
+                self.supervisors[supervisor.runner.name] = supervisor
         deadline = time.monotonic() + wait_ready_s
-        for runner in self.runners.values():
-            if not runner.ready.wait(max(0.0, deadline - time.monotonic())):
+        for name, supervisor in self.supervisors.items():
+            if not supervisor.runner.ready.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("%s has no partitions after %.0f s (group still joining); it will catch up",
-                            runner.function.name, wait_ready_s)
+                            name, wait_ready_s)
         if self.with_gateway:
             from gateway.app import create_app
             from gateway.server import GatewayServer
 
             try:
-                app = create_app(self.bootstrap_servers, self.resources.store, self.resources.collection, s)
+                app = create_app(self.bootstrap_servers, self.resources.store, self.resources.collection, s,
+                                 function_health=self.health)
                 self.gateway = GatewayServer(app, s.gateway_host, s.gateway_port).start()
             except Exception:
                 self.stop()  # don't leave the broker and the functions running behind a failed start
@@ -160,6 +157,7 @@ class Stack:
             "points": self.resources.store.count(self.resources.collection) if self.resources.store else None,
             "notes": self.resources.notes,
             "counters": {name: dict(fn.counters) for name, fn in self.functions.items()},
+            "functions": self.health(),
             "updated": time.time(),
         }
         path = self.settings.data_dir / STACK_FILE
@@ -167,13 +165,25 @@ class Stack:
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(path)
 
+    def health(self) -> dict[str, dict]:
+        """Each function lane (and the embedded broker): alive and making progress?
+
+        Shown by ``/healthz`` (503 when any is not ok) and ``lookalike status``.
+        """
+        health = {name: supervisor.health() for name, supervisor in self.supervisors.items()}
+        if self.broker is not None:
+            code = self.broker.process.poll()
+            health["broker"] = {"ok": code is None, "state": "running" if code is None else f"exited ({code})",
+                                "restarts": 0, "last_error": ""}
+        return health
+
     def stop(self) -> None:
         if self.gateway:
             self.gateway.stop()
-        for runner in self.runners.values():
-            runner.stop()
-        for thread in self.threads:
-            thread.join(timeout=60)
+        for supervisor in self.supervisors.values():
+            supervisor.runner.stop()
+        for supervisor in self.supervisors.values():
+            supervisor.stop()
         if self.resources and self.resources.store:
             self.resources.store.close()
         if self.broker:
@@ -193,6 +203,12 @@ class Stack:
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(2.0):
             self.write_stack_file()
+            if self.broker is not None and self.broker.process.poll() is not None:
+                # The embedded broker keeps everything in memory: its topics and offsets are gone.
+                # Exit so whatever supervises this process starts a fresh stack; `lookalike index`
+                # of the catalogue then converges (only images without points are embedded).
+                raise SystemExit(f"the embedded broker exited (code {self.broker.process.returncode}); "
+                                 "restart `lookalike up` and run `lookalike index` again")
 
 
 def run_function(name: str) -> None:
@@ -204,15 +220,29 @@ def run_function(name: str) -> None:
                          "(or use `lookalike up` for the embedded stack)")
     ensure_topics(settings.kafka_bootstrap_servers, settings.topic_partitions)
     resources = Resources.load(settings, (name,))
-    runner = Runner.from_settings(resources.build(name), settings, settings.kafka_bootstrap_servers)
+    supervisors = supervise(resources.build(name), settings, settings.kafka_bootstrap_servers)
     # SIGTERM: finish the batch in hand, commit, exit.
-    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
-    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        runner.run()
+        stop.wait()
     finally:
+        for supervisor in supervisors:
+            supervisor.runner.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
         if resources.store:
             resources.store.close()
+
+
+def supervise(fn: Function, settings: Settings, bootstrap_servers: str) -> list[Supervisor]:
+    """Start one supervised runner per lane of ``fn`` (each its own consumer group)."""
+    return [
+        Supervisor(Runner.from_settings(fn, settings, bootstrap_servers, lane=lane),
+                   backoff_max_s=settings.restart_backoff_max_s, stuck_after_s=settings.stuck_after_s).start()
+        for lane in fn.lanes()
+    ]
 
 
 def read_stack_file(data_dir: Path) -> dict | None:

@@ -33,3 +33,19 @@ def test_euclid_distance_gets_its_own_collection(tmp_path):
     cosine = Settings(LOOKALIKE_DATA_DIR=str(tmp_path))
     euclid = Settings(LOOKALIKE_DATA_DIR=str(tmp_path), distance="euclid")
     assert cosine.collection_name("resnet50") != euclid.collection_name("resnet50")
+
+
+def test_consumer_groups_named_for_status_and_health_match_the_functions_routes(tmp_path):
+    # GIVEN the four functions as the stack builds them (no models or store are touched for routes)
+    from shared.runtime import CONSUMER_GROUPS, consumer_group
+
+    res = Resources(Settings(LOOKALIKE_DATA_DIR=str(tmp_path)))
+    groups = {}
+    for name in ("ingest", "detect", "embed", "query"):
+        fn = res.build(name)
+        for lane in fn.lanes():
+            groups[consumer_group(name, lane)] = tuple(r.topic for r in fn.routes() if r.lane == lane)
+    # THEN the one table that status, lag and /healthz read names exactly these groups and topics
+    assert groups == CONSUMER_GROUPS
+    # AND shopper searches have a group of their own, apart from catalogue events
+    assert CONSUMER_GROUPS["lookalike-ingest-search"] == ("search.requests",)

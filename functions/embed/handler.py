@@ -82,13 +82,22 @@ class Embed(Function):
             points.clear()
 
     def _sync(self, msg: ProductSync) -> CatalogIndexed:
-        """Close a catalogue event: drop stale points, apply the payload, report it done."""
+        """Close a catalogue event: drop stale points, apply the payload, report what the store holds.
+
+        The report is checked against the points: an image of the event that has none
+        (dead-lettered on its way here) makes the outcome ``incomplete``, never "indexed".
+        """
         self.store.retain_product_images(self.collection, msg.product_id, msg.keep_image_ids)
         if msg.product is not None and msg.keep_image_ids:
             self.store.set_product_payload(self.collection, msg.product_id, msg.product.payload())
         self.counters["syncs"] += 1
-        return CatalogIndexed(event_id=msg.event_id, product_id=msg.product_id, outcome=msg.outcome,
-                              new_images=msg.new_images, images=len(msg.keep_image_ids))
+        present = self.store.product_image_ids(self.collection, msg.product_id) if msg.keep_image_ids else set()
+        missing = len(set(msg.keep_image_ids) - present)
+        if missing:
+            self.counters["incomplete"] += 1
+        return CatalogIndexed(event_id=msg.event_id, product_id=msg.product_id,
+                              outcome="incomplete" if missing else msg.outcome, new_images=msg.new_images,
+                              images=len(present), missing_images=missing)
 
     def _points(self, msg: DetectedImage, vectors) -> list[PointRecord]:
         ctx = msg.index

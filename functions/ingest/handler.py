@@ -1,7 +1,13 @@
 """ingest: validate events, fetch and normalise images, short-cut unchanged catalogue upserts.
 
 catalog.events  -> images.normalized (intent index), or a payload-only store update
-search.requests -> images.normalized (intent query)
+search.requests -> images.normalized (intent query), in a lane (consumer group) of its own
+
+"Unchanged" is decided from the points really in the store, never from a note ingest
+made itself: an image counts as indexed only once embed has written its points. So a
+redelivered or re-sent event after any crash, failed send or dead letter re-processes
+exactly the images that are missing, and a product is never reported unchanged while
+its points are not there.
 """
 
 from __future__ import annotations
@@ -38,12 +44,12 @@ class Ingest(Function):
         self.settings = settings
         self.store = store
         self.collection = collection
-        store.ensure_catalog(collection)
 
     def routes(self) -> list[Route]:
         return [
             Route(CATALOG_EVENTS, CatalogEvent, self.on_catalog_event),
-            Route(SEARCH_REQUESTS, SearchRequest, self.on_search_request),
+            # Own lane: a slow catalogue image URL must not hold up shoppers' searches.
+            Route(SEARCH_REQUESTS, SearchRequest, self.on_search_request, lane="search"),
         ]
 
     def _normalize(self, ref) -> tuple[str, bytes, int, int, float]:
@@ -62,7 +68,6 @@ class Ingest(Function):
             # Delete now (shoppers stop seeing it at once); the sync also removes any of its
             # images still in flight when they land.
             self.store.delete_product(self.collection, event.product_id)
-            self.store.set_catalog_state(self.collection, event.product_id, None)
             self.counters["deleted"] += 1
             sync = ProductSync(event_id=event.event_id, product_id=event.product_id, outcome="deleted")
             return [Emit(IMAGES_NORMALIZED, sync)]
@@ -78,13 +83,12 @@ class Ingest(Function):
             images.setdefault(iid, (index, jpeg, w, h, ref.url))
 
         product = event.product()
-        previous = self.store.catalog_state(self.collection, event.product_id) or set()
-        new = {iid: v for iid, v in images.items() if iid not in previous}
+        indexed = self.store.product_image_ids(self.collection, event.product_id)
+        new = {iid: v for iid, v in images.items() if iid not in indexed}
         if not new:
             # Title, offers and prices change in place now: no detection, no embedding.
             self.store.set_product_payload(self.collection, event.product_id, product.payload())
             self.counters["unchanged"] += 1
-        self.store.set_catalog_state(self.collection, event.product_id, images.keys())
         self.counters["images_out"] += len(new)
         emits = [
             Emit(IMAGES_NORMALIZED, NormalizedImage(

@@ -12,7 +12,6 @@ so they are applied inside the vector search, never to a short list afterwards.
 
 from __future__ import annotations
 
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -224,33 +223,6 @@ class VectorStore(ABC):
         stale = self.product_image_ids(collection, product_id) - set(keep_image_ids)
         if stale:
             self.delete_product_images(collection, product_id, stale)
-
-    # The catalogue state: per product, the image ids its latest event asked for. Ingest
-    # decides "unchanged" from this (its own last decision), not from the points, which
-    # lag behind while images are still on their way through detect and embed.
-
-    @staticmethod
-    def _catalog(collection: str) -> str:
-        return f"{collection}__catalog"
-
-    def ensure_catalog(self, collection: str) -> None:
-        self.ensure_collection(CollectionSpec(self._catalog(collection), 1))
-
-    def catalog_state(self, collection: str, product_id: str) -> set[str] | None:
-        """Image ids of the product's latest upsert; None if unknown or deleted."""
-        found = self.product_payloads(self._catalog(collection), product_id)
-        return set(found[0]["image_ids"]) if found else None
-
-    def set_catalog_state(self, collection: str, product_id: str, image_ids: Collection[str] | None) -> None:
-        if image_ids is None:
-            self.delete_product(self._catalog(collection), product_id)
-            return
-        record = PointRecord(
-            id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"lookalike-catalog/{product_id}")),
-            vector=[1.0],
-            payload={"product_id": product_id, "image_ids": sorted(image_ids)},
-        )
-        self.upsert(self._catalog(collection), [record])
 
     def product_payloads(self, collection: str, product_id: str) -> list[dict]:
         """Payload of every point of a product, each with its ``point_id`` added."""
