@@ -3,7 +3,7 @@
     python bench/baselines.py [--models efficientnet_lite0 resnet50 resnet18 DIR...] [--precisions fp32 bf16]
                               [--detect none yolo]
 
-Same code path as ``lookalike eval --mode direct`` (shared.evaluation), but each image set
+Same code path as ``lookalike eval --mode direct`` (lookalike.evaluation), but each image set
 (train, val, iconic) is embedded once per (model, precision, detection) and scored against
 both galleries, and detection boxes are computed once and reused across models and
 precisions. Each row records the equivalent ``lookalike eval`` command.
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.evaluation import embed_paths, read_labelled_csv, retrieval_metrics, top_boxes  # noqa: E402
+from lookalike.evaluation import embed_paths, read_labelled_csv, retrieval_metrics, top_boxes  # noqa: E402
 
 CSV = ROOT / "bench" / "grocery"
 DET = ROOT.parent / "shared" / "models" / "yolov8n-coco" / "yolov8n_int8.tflite"
@@ -39,7 +39,7 @@ def main() -> None:
     sets = {name: read_labelled_csv(CSV / f"{name}.csv") for name in ("train", "val", "iconic")}
     boxes: dict[str, list] = {}
     if "yolo" in a.detect:
-        from shared.detector import load_detector
+        from lookalike.shared.detector import load_detector
 
         cache = ROOT / "bench" / "logs" / "boxes.json"  # top boxes per image: detection is model-independent
         t0 = time.monotonic()
@@ -57,7 +57,7 @@ def main() -> None:
         (ROOT / "bench" / "logs").mkdir(exist_ok=True)
         (ROOT / "bench" / "logs" / "detections.json").write_text(json.dumps({"share_detected": found}))
 
-    from shared.embedders import load_embedder
+    from lookalike.shared.embedders import load_embedder
 
     out = open(a.out, "a")
     for model in a.models:

@@ -21,9 +21,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.embedders import REGISTRY  # noqa: E402
-from shared.evaluation import read_labelled_csv, retrieval_metrics  # noqa: E402
-from shared.finetune import FinetuneConfig, _series_holdout  # noqa: E402
+from lookalike.evaluation import read_labelled_csv, retrieval_metrics  # noqa: E402
+from lookalike.finetune import FinetuneConfig, _series_holdout  # noqa: E402
+from lookalike.shared.embedders import REGISTRY  # noqa: E402
 
 SIZES = [(256, 224), (320, 288), (320, 320)]  # (resize, crop)
 

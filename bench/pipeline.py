@@ -16,11 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.client import Client, read_catalog
-from shared.config import Settings
-from shared.messages import CATALOG_EVENTS
-from shared.sample_catalog import generate
-from shared.service import Stack, setup_logging
+from lookalike.client import Client, read_catalog
+from lookalike.sample_catalog import generate
+from lookalike.shared.config import Settings
+from lookalike.shared.logs import setup_logging
+from lookalike.shared.messages import CATALOG_EVENTS
+from lookalike.stack import Stack
 
 
 def main() -> None:

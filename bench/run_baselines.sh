@@ -16,8 +16,8 @@ PRECS=${PRECS:-fp32 bf16}
 DETS=${DETS:-none yolo}
 GALLERIES=${GALLERIES:-train iconic}
 run() {  # args: lookalike eval arguments
-  echo "+ python -m shared.evaluation eval $*" >&2
-  line=$($PY -m shared.evaluation eval "$@" --json 2>bench/logs/last_err.txt | tail -1)
+  echo "+ python -m lookalike.quality eval $*" >&2
+  line=$($PY -m lookalike.quality eval "$@" --json 2>bench/logs/last_err.txt | tail -1)
   if [ -n "$line" ] && [ "${line:0:1}" = "{" ]; then
     echo "$line" | $PY -c "import json,sys; r=json.loads(sys.stdin.read()); r['command']='lookalike eval '+' '.join(sys.argv[1:]); print(json.dumps(r))" "$@" >> $OUT
   else

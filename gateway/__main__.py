@@ -1,4 +1,4 @@
-"""Run the gateway alone: ``python -m gateway`` (distributed mode, configured by env vars).
+"""Run the gateway alone: ``python -m lookalike.gateway`` (distributed mode, configured by env vars).
 
 Needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL (a Qdrant server: Qdrant Edge allows one
 process per shard, and in the embedded mode `lookalike up` serves the gateway itself).
@@ -6,16 +6,16 @@ process per shard, and in the embedded mode `lookalike up` serves the gateway it
 
 import uvicorn
 
-from gateway.app import create_app
-from shared.config import Settings
-from shared.embedders import resolve_model_id
-from shared.service import setup_logging
-from shared.stores import open_store
+from lookalike.gateway.app import create_app
+from lookalike.shared.config import Settings
+from lookalike.shared.embedders import resolve_model_id
+from lookalike.shared.logs import setup_logging
+from lookalike.shared.stores import open_store
 
 
 def main() -> None:
-    setup_logging()
     settings = Settings()
+    setup_logging(settings.log_level)
     if not settings.kafka_bootstrap_servers or not settings.qdrant_url:
         raise SystemExit("the gateway alone needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL "
                          "(or use `lookalike up`, which serves it in the embedded stack)")

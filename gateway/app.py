@@ -41,12 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.bus import OffsetReader, make_producer, tail_consumer
-from shared.config import Settings
-from shared.errors import PoisonMessage
-from shared.images import ImageTooLarge, decode, to_jpeg
-from shared.limits import FORM_OVERHEAD_BYTES, MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_TOP_K, fits_message
-from shared.messages import (
+from lookalike.shared.bus import OffsetReader, make_producer, tail_consumer
+from lookalike.shared.config import Settings
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import ImageTooLarge, decode, to_jpeg
+from lookalike.shared.limits import FORM_OVERHEAD_BYTES, MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_TOP_K, fits_message
+from lookalike.shared.messages import (
     FUNCTION_INPUTS,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
@@ -59,8 +59,8 @@ from shared.messages import (
     SearchRequest,
     SearchResult,
 )
-from shared.runtime import CONSUMER_GROUPS
-from shared.stores import VectorStore
+from lookalike.shared.runtime import CONSUMER_GROUPS
+from lookalike.shared.stores import VectorStore
 
 log = logging.getLogger("lookalike.gateway")
 

@@ -17,8 +17,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from shared.limits import MAX_MESSAGE_BYTES
-from shared.messages import ALL_TOPICS, dlq_topic
+from lookalike.shared.limits import MAX_MESSAGE_BYTES
+from lookalike.shared.messages import ALL_TOPICS, dlq_topic
 
 log = logging.getLogger("lookalike.bus")
 

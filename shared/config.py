@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared import limits
+from lookalike.shared import limits
 
 
 class Settings(BaseSettings):
@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     detect_labels: str = ""
     detect_exclude: str = ""
     distance: str = "cosine"  # cosine or euclid (a collection option)
+
+    log_level: str = "INFO"  # LOG_LEVEL, for the function and gateway processes
 
     # Kafka runtime.
     topic_partitions: int = 4
@@ -73,7 +75,7 @@ class Settings(BaseSettings):
 
     def detector_labels(self) -> dict:
         """``load_detector`` keyword arguments for the label settings."""
-        from shared.detector import NOT_PRODUCTS
+        from lookalike.shared.detector import NOT_PRODUCTS
 
         def split(value: str) -> frozenset[str]:
             return frozenset(x.strip() for x in value.split(",") if x.strip())

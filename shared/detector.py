@@ -19,7 +19,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from shared.messages import Box, DetectedObject
+from lookalike.shared.messages import Box, DetectedObject
 
 log = logging.getLogger("lookalike.detector")
 

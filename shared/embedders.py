@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lookalike.shared.finetuned import build_finetuned
+
 log = logging.getLogger("lookalike.embedders")
 
 # A dead network should fail a start-up download quickly, not hang it.
@@ -312,14 +314,10 @@ def register_model_dir(directory: str | Path) -> EmbedderSpec:
     weights = directory / manifest.get("weights", "model.pt")
 
     def architecture() -> torch.nn.Module:
-        from shared.finetune import build_finetuned
-
-        return build_finetuned(manifest, None)
+        return build_finetuned(manifest, REGISTRY[manifest.get("base", "efficientnet_lite0")].architecture(), None)
 
     def build(path: Path) -> torch.nn.Module:
-        from shared.finetune import build_finetuned
-
-        return build_finetuned(manifest, path)
+        return build_finetuned(manifest, REGISTRY[manifest.get("base", "efficientnet_lite0")].architecture(), path)
 
     spec = EmbedderSpec(
         id=model_id,
@@ -372,8 +370,8 @@ def resolve_model_id(model_id: str) -> str:
 # --------------------------------------------------------------------------- embedder
 
 
-class Embedder:
-    """A loaded feature extractor: PIL images in, L2-normalised float32 rows out."""
+class TorchEmbedder:
+    """A loaded feature extractor (a ``shared.embedding.Embedder``): PIL images in, L2-normalised rows out."""
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str, batch_size: int = 32):
         self.spec = spec
@@ -408,7 +406,7 @@ def load_embedder(
     precision: str = "fp32",
     weights_path: str | None = None,
     batch_size: int = 32,
-) -> Embedder:
+) -> TorchEmbedder:
     """Resolve the model, find its weights (see module docstring) and load it."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -423,4 +421,4 @@ def load_embedder(
     path = spec.find_weights(weights_path)
     model = spec.build(path)
     log.info("embedder %s loaded from %s on %s/%s", spec.id, path, device, precision)
-    return Embedder(spec, model, device, precision, batch_size)
+    return TorchEmbedder(spec, model, device, precision, batch_size)

@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 import httpcore
 import httpx
 
-from shared.errors import PoisonMessage, SourceUnavailable
+from lookalike.shared.errors import PoisonMessage, SourceUnavailable
 
 MAX_URL_LENGTH = 2048
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")  # one DNS label, at most 63 chars

@@ -1,7 +1,7 @@
 """Image I/O shared by the functions: fetch a source, normalise it, crop objects.
 
 Every failure that is the input's fault raises ``PoisonMessage`` with a reason a
-catalogue team can act on; fetching URLs lives in :mod:`shared.fetch`.
+catalogue team can act on; fetching URLs lives in :mod:`lookalike.shared.fetch`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pi_heif import register_heif_opener
 from PIL import ExifTags, Image, ImageMode
 
-from shared.errors import PoisonMessage
-from shared.fetch import fetch_url
-from shared.limits import MAX_CONCURRENT_DECODES, MAX_DECODE_BYTES
-from shared.messages import Box, ImageRef
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.fetch import fetch_url
+from lookalike.shared.limits import MAX_CONCURRENT_DECODES, MAX_DECODE_BYTES
+from lookalike.shared.messages import Box, ImageRef
 
 # Phones upload HEIC. Registering here also matters because ultralytics patches
 # PIL's Image.open to pip-install pi-heif on the first unidentified image.

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared import limits
+from lookalike.shared import limits
 
 SCHEMA_VERSION = 1
 THUMBNAIL_SIDE = 160

@@ -46,10 +46,10 @@ from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import TypeAdapter, ValidationError
 
-from shared.bus import make_consumer, make_producer
-from shared.errors import PoisonMessage, SourceUnavailable, TransientError
-from shared.limits import MAX_MESSAGE_BYTES, fits_message
-from shared.messages import (
+from lookalike.shared.bus import make_consumer, make_producer
+from lookalike.shared.errors import PoisonMessage, SourceUnavailable, TransientError
+from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
+from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,

@@ -39,7 +39,7 @@ def kafka_bootstrap() -> str:
         with KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from shared.bus import TansuBroker
+    from lookalike.shared.bus import TansuBroker
 
     OUTPUT_DIR.mkdir(exist_ok=True)
     with TansuBroker(log_path=OUTPUT_DIR / "tansu.log") as broker:
@@ -48,13 +48,13 @@ def kafka_bootstrap() -> str:
 
 @pytest.fixture(scope="session")
 def sample_catalog(tmp_path_factory):
-    from shared.sample_catalog import generate
+    from lookalike.sample_catalog import generate
 
     return generate(tmp_path_factory.mktemp("sample"), n_products=24, photos_per_product=4, seed=0)
 
 
 def make_settings(data_dir: Path, **overrides):
-    from shared.config import Settings
+    from lookalike.shared.config import Settings
 
     values = dict(data_dir=data_dir, embed_model="efficientnet_lite0", detect_weights="none",
                   poll_timeout_ms=100, backoff_max_s=2.0)
@@ -66,7 +66,7 @@ def make_settings(data_dir: Path, **overrides):
 @pytest.fixture(scope="module")
 def stack(kafka_bootstrap, tmp_path_factory):
     """The four functions as threads in one process, on the test broker, with an Edge store."""
-    from shared.service import Stack
+    from lookalike.stack import Stack
 
     settings = make_settings(tmp_path_factory.mktemp("stack"), kafka_bootstrap_servers=kafka_bootstrap)
     with Stack(settings) as running:
@@ -75,7 +75,7 @@ def stack(kafka_bootstrap, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(stack):
-    from shared.client import Client
+    from lookalike.client import Client
 
     c = Client(stack.bootstrap_servers)
     yield c

@@ -1,7 +1,7 @@
 """An in-memory stand-in for the Kafka consumer and producer the runner uses.
 
 Just enough of kafka-python's surface (poll, seek, pause/resume, commit, send, flush)
-to check every delivery rule of ``shared.runtime.Runner`` in milliseconds; the
+to check every delivery rule of ``lookalike.shared.runtime.Runner`` in milliseconds; the
 same rules are also tested against a real broker in tests/test_runtime.py.
 """
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 STARTER = """
 import time
-from shared.bus import TansuBroker
+from lookalike.shared.bus import TansuBroker
 broker = TansuBroker()
 print(broker.process.pid, flush=True)
 time.sleep(120)

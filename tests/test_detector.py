@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from shared.detector import NOT_PRODUCTS, WholeImageDetector, YoloDetector, load_detector, whole_image_object
+from lookalike.shared.detector import NOT_PRODUCTS, WholeImageDetector, YoloDetector, load_detector, whole_image_object
 
 MODEL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "yolov8n-coco"
 TFLITE = MODEL_DIR / "yolov8n_int8.tflite"
@@ -26,7 +26,7 @@ def _asset(name: str) -> Image.Image:
 
 
 def test_import_is_cheap_and_offline():
-    code = "import sys, os, shared.detector; print('ultralytics' in sys.modules, os.environ['YOLO_OFFLINE'])"
+    code = "import sys, os, lookalike.shared.detector; print('ultralytics' in sys.modules, os.environ['YOLO_OFFLINE'])"
     env = {k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["False", "true"]
@@ -53,7 +53,7 @@ def test_unknown_name_offline_says_how_to_get_out(monkeypatch, tmp_path):
 
 
 def test_auto_without_weights_falls_back(monkeypatch, tmp_path, caplog):
-    from shared import detector
+    from lookalike.shared import detector
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(detector, "_ultralytics_weights_dir", lambda: tmp_path / "weights")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from shared import embedders
-from shared.embedders import (
+from lookalike.shared import embedders
+from lookalike.shared.embedders import (
     REGISTRY,
     WeightsUnavailable,
     load_embedder,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.evaluation import (
+from lookalike.evaluation import (
     SPLIT_MARK,
     gallery_events,
     product_rankings,
@@ -30,7 +30,7 @@ def write_csv(path: Path, rows) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from shared.sample_catalog import generate
+    from lookalike.sample_catalog import generate
 
     out = tmp_path_factory.mktemp("tiny")
     sample = generate(out / "sample", n_products=4, photos_per_product=2, query_photos_per_product=1)
@@ -95,7 +95,7 @@ def test_gallery_events_one_product_per_label_split_over_the_event_cap(tmp_path)
 
 
 def test_eval_direct_gallery_equals_queries_is_perfect(tiny, capsys):
-    from shared.cli import main
+    from lookalike.cli import main
 
     main(["eval", "--gallery", str(tiny["gallery"]), "--queries", str(tiny["gallery"]),
           "--model", "efficientnet_lite0", "--json"])
@@ -107,7 +107,7 @@ def test_eval_direct_gallery_equals_queries_is_perfect(tiny, capsys):
 
 
 def test_eval_direct_new_photos(tiny, capsys):
-    from shared.cli import main
+    from lookalike.cli import main
 
     main(["eval", "--gallery", str(tiny["gallery"]), "--queries", str(tiny["queries"]),
           "--model", "efficientnet_lite0", "--precision", "bf16", "--json"])
@@ -121,7 +121,7 @@ def test_eval_direct_new_photos(tiny, capsys):
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_eval_pipeline_mode(tiny, capsys):
-    from shared.cli import main
+    from lookalike.cli import main
 
     main(["eval", "--gallery", str(tiny["gallery"]), "--queries", str(tiny["queries"]),
           "--model", "efficientnet_lite0", "--mode", "pipeline", "--json"])

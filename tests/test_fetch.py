@@ -1,4 +1,4 @@
-"""shared.fetch: SSRF refusals, malformed URLs, DNS pinning, statuses, size limit and the total deadline.
+"""lookalike.shared.fetch: SSRF refusals, malformed URLs, DNS pinning, statuses, size limit and the total deadline.
 
 Safety rule of this file: before any URL is fed in, an autouse fixture makes connecting to
 anything but loopback impossible (the attempt is recorded and refused, and the test fails),
@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from shared import fetch
-from shared.errors import PoisonMessage, SourceUnavailable
-from shared.fetch import check_url, fetch_url, is_public
+from lookalike.shared import fetch
+from lookalike.shared.errors import PoisonMessage, SourceUnavailable
+from lookalike.shared.fetch import check_url, fetch_url, is_public
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 MAX = 100_000

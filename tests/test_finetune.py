@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from shared.finetune import FinetuneConfig, _series_holdout, _stratified_holdout, finetune
+from lookalike.finetune import FinetuneConfig, _series_holdout, _stratified_holdout, finetune
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from shared.sample_catalog import generate
+    from lookalike.sample_catalog import generate
 
     out = tmp_path_factory.mktemp("ft")
     sample = generate(out / "sample", n_products=4, photos_per_product=3, query_photos_per_product=1)
@@ -62,7 +62,7 @@ def test_finetune_writes_manifest_and_weights(tiny_model):
 def test_finetuned_model_loads_by_path_and_by_id(tiny_model, monkeypatch):
     from PIL import Image
 
-    from shared.embedders import REGISTRY, load_embedder, resolve_model_id
+    from lookalike.shared.embedders import REGISTRY, load_embedder, resolve_model_id
 
     assert resolve_model_id(str(tiny_model["dir"])) == "ft-test"
     # the input size it was trained at travels with it
@@ -84,7 +84,7 @@ def test_finetuned_model_loads_by_path_and_by_id(tiny_model, monkeypatch):
 def test_eval_uses_the_finetuned_model(tiny_model, tmp_path, capsys):
     import csv
 
-    from shared.cli import main
+    from lookalike.cli import main
 
     for name, rows in (("g.csv", tiny_model["train"]), ("q.csv", tiny_model["val"])):
         with open(tmp_path / name, "w", newline="") as f:
@@ -98,7 +98,7 @@ def test_eval_uses_the_finetuned_model(tiny_model, tmp_path, capsys):
 
 
 def test_builtin_ids_cannot_be_taken(tmp_path):
-    from shared.embedders import register_model_dir
+    from lookalike.shared.embedders import register_model_dir
 
     (tmp_path / "model.json").write_text(json.dumps({"id": "efficientnet_lite0", "dim": 8}))
     with pytest.raises(ValueError, match="built-in"):
@@ -108,9 +108,9 @@ def test_builtin_ids_cannot_be_taken(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_reindex_fills_the_finetuned_models_own_collection(tiny_model, tmp_path, monkeypatch):
-    from shared.config import Settings
-    from shared.evaluation import reindex
-    from shared.stores import EdgeStore
+    from lookalike.evaluation import reindex
+    from lookalike.shared.config import Settings
+    from lookalike.shared.stores import EdgeStore
 
     monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("DETECT_WEIGHTS", "none")

@@ -17,15 +17,15 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    from shared.sample_catalog import generate
+    from lookalike.sample_catalog import generate
 
     return generate(tmp_path_factory.mktemp("gateway-sample"), n_products=6, photos_per_product=3, seed=1)
 
 
 @pytest.fixture(scope="module")
 def indexed(stack, client, catalog):
-    from shared.client import read_catalog
-    from shared.messages import CATALOG_EVENTS
+    from lookalike.client import read_catalog
+    from lookalike.shared.messages import CATALOG_EVENTS
 
     events = read_catalog(catalog.catalog_path)
     client.publish(CATALOG_EVENTS, events)
@@ -37,7 +37,7 @@ def indexed(stack, client, catalog):
 def api(stack, indexed):
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
+    from lookalike.gateway.app import create_app
 
     app = create_app(stack.bootstrap_servers, stack.resources.store, stack.resources.collection, stack.settings)
     with TestClient(app) as http:  # runs the lifespan: the results listener starts
@@ -49,7 +49,7 @@ def limited(stack):
     """An app with small limits; requests refused by validation never reach Kafka."""
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
+    from lookalike.gateway.app import create_app
 
     settings = make_settings(stack.settings.data_dir, max_image_bytes=50_000, max_image_pixels=1_000_000)
     return TestClient(create_app(stack.bootstrap_servers, stack.resources.store, stack.resources.collection, settings))
@@ -173,8 +173,8 @@ def test_healthz_reports_lag_and_points(api, stack):
 def test_healthz_is_503_when_the_store_fails(stack):
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
-    from shared.errors import StoreUnavailable
+    from lookalike.gateway.app import create_app
+    from lookalike.shared.errors import StoreUnavailable
 
     class BrokenStore:
         backend = "broken"
@@ -233,9 +233,9 @@ def _png(img: Image.Image) -> bytes:
 def test_no_answer_is_a_504_and_leaves_nothing_waiting(stack, tmp_path):
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
-    from shared.bus import TansuBroker, ensure_topics, make_producer
-    from shared.messages import SEARCH_RESULTS, SearchResult
+    from lookalike.gateway.app import create_app
+    from lookalike.shared.bus import TansuBroker, ensure_topics, make_producer
+    from lookalike.shared.messages import SEARCH_RESULTS, SearchResult
 
     # GIVEN a gateway on a broker where no function runs
     with TansuBroker() as broker:

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from functions.detect.handler import Detect
-from functions.embed.handler import Embed
-from functions.ingest.handler import Ingest
-from functions.query.handler import Query
-from shared.config import Settings
-from shared.detector import WholeImageDetector
-from shared.errors import PoisonMessage
-from shared.messages import (
+from lookalike.functions.detect.handler import Detect
+from lookalike.functions.embed.handler import Embed
+from lookalike.functions.ingest.handler import Ingest
+from lookalike.functions.query.handler import Query
+from lookalike.shared.config import Settings
+from lookalike.shared.detector import WholeImageDetector
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     QUERY_VECTORS,
@@ -39,7 +39,7 @@ from shared.messages import (
     SearchRequest,
     point_id,
 )
-from shared.stores import CollectionSpec, EdgeStore
+from lookalike.shared.stores import CollectionSpec, EdgeStore
 
 COLLECTION = "test__colour"
 DIM = 6

@@ -26,14 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
 
-from functions.detect.handler import Detect
-from functions.ingest.handler import Ingest
-from shared import limits
-from shared.detector import WholeImageDetector
-from shared.errors import PoisonMessage
-from shared.images import MAX_DECODE_BYTES, ImageTooLarge, decode_bytes, normalize, thumbnail
-from shared.limits import MAX_MESSAGE_BYTES, fits_message
-from shared.messages import (
+from lookalike.functions.detect.handler import Detect
+from lookalike.functions.ingest.handler import Ingest
+from lookalike.shared import limits
+from lookalike.shared.detector import WholeImageDetector
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import MAX_DECODE_BYTES, ImageTooLarge, decode_bytes, normalize, thumbnail
+from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
+from lookalike.shared.messages import (
     CATALOG_EVENTS,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
@@ -50,7 +50,7 @@ from shared.messages import (
     SearchResult,
     dlq_topic,
 )
-from shared.runtime import Route, Runner
+from lookalike.shared.runtime import Route, Runner
 from tests.conftest import REPO_ROOT, make_settings
 from tests.fakes import FakeConsumer, FakeProducer, Log
 
@@ -201,8 +201,8 @@ def test_the_largest_valid_messages_fit_one_message():
 # Peak RSS of this process's memory (VmHWM): unlike ru_maxrss it does not start from the parent's.
 PEAK = """
 import json, sys
-from shared.errors import PoisonMessage
-from shared.images import normalize
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import normalize
 
 def peak():
     status = open("/proc/self/status").read()
@@ -350,7 +350,7 @@ def gateway(tmp_path):
     """make(**setting overrides) -> (test client, fake pipeline) of a gateway with no broker behind it."""
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
+    from lookalike.gateway.app import create_app
 
     def make(function_health=None, **overrides):
         settings = make_settings(tmp_path, **overrides)
@@ -522,7 +522,7 @@ def test_a_declared_oversized_body_is_refused_unread(gateway):
 
 
 def test_healthz_is_503_when_a_function_is_down(gateway, monkeypatch):
-    import gateway.app as gateway_app
+    import lookalike.gateway.app as gateway_app
 
     class Offsets:  # the broker answers, every lag is 0
         def __init__(self, bootstrap_servers):
@@ -558,7 +558,7 @@ def test_healthz_is_503_when_a_function_is_down(gateway, monkeypatch):
 
 
 def test_index_downscales_a_big_local_photo_and_refuses_an_event_that_cannot_fit(tmp_path, phone_photo):
-    from shared.client import read_catalog
+    from lookalike.client import read_catalog
 
     (tmp_path / "big.jpg").write_bytes(phone_photo)
     noise((1200, 1200)).save(tmp_path / "noise.png")  # normalises to ~370 KB: incompressible

@@ -13,8 +13,8 @@ import io
 import pytest
 from PIL import Image
 
-from shared.client import read_catalog
-from shared.messages import CATALOG_EVENTS, CatalogDelete, CatalogUpsert, ImageRef, Offer
+from lookalike.client import read_catalog
+from lookalike.shared.messages import CATALOG_EVENTS, CatalogDelete, CatalogUpsert, ImageRef, Offer
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +141,7 @@ def test_events_for_one_product_apply_in_order(stack, client, sample_catalog):
     ])
     client.wait_indexed()
     # THEN only the last event's photo is indexed for it
-    from shared.images import image_id
+    from lookalike.shared.images import image_id
 
     indexed_images = stack.resources.store.product_image_ids(stack.resources.collection, pid)
     assert indexed_images == {image_id(photos[2].read_bytes())}

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from shared import limits
-from shared.errors import PoisonMessage
-from shared.images import normalize
-from shared.messages import (
+from lookalike.shared import limits
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import normalize
+from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
@@ -39,7 +39,7 @@ from shared.messages import (
     SearchFilters,
     SearchRequest,
 )
-from shared.runtime import Route
+from lookalike.shared.runtime import Route
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -163,7 +163,8 @@ def test_any_photo_normalises_to_a_capped_jpeg_whose_scale_maps_the_source(photo
     if max(source_w, source_h) <= max_side:
         assert (width, height) == (source_w, source_h) and scale == 1.0
     assert max(source_w, source_h) * scale == pytest.approx(max(width, height))
-    assert abs(source_w * scale - width) <= 1 and abs(source_h * scale - height) <= 1
+    # The short side is rounded twice for a JPEG (DCT-scaled decode, then the resize): within 1.5 px.
+    assert abs(source_w * scale - width) <= 1.5 and abs(source_h * scale - height) <= 1.5
 
 
 def _mutations(draw, raw: bytes) -> bytes:

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 from kafka.structs import TopicPartition
 
-from shared.errors import PoisonMessage, SourceUnavailable, StoreUnavailable
-from shared.limits import MAX_MESSAGE_BYTES
-from shared.messages import CatalogDelete, CatalogUpsert, ImageRef, dlq_topic
-from shared.runtime import Emit, Function, Route, Runner, Supervisor
+from lookalike.shared.errors import PoisonMessage, SourceUnavailable, StoreUnavailable
+from lookalike.shared.limits import MAX_MESSAGE_BYTES
+from lookalike.shared.messages import CatalogDelete, CatalogUpsert, ImageRef, dlq_topic
+from lookalike.shared.runtime import Emit, Function, Route, Runner, Supervisor
 from tests.fakes import FakeConsumer, FakeProducer, Log
 
 IN, OUT = "in", "out"

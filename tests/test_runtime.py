@@ -12,10 +12,10 @@ import uuid
 import pytest
 from kafka import KafkaConsumer
 
-from shared.bus import ensure_topics, make_producer, topic_partitions
-from shared.errors import PoisonMessage, TransientError
-from shared.messages import CatalogDelete, dlq_topic
-from shared.runtime import Emit, Function, Route, Runner
+from lookalike.shared.bus import ensure_topics, make_producer, topic_partitions
+from lookalike.shared.errors import PoisonMessage, TransientError
+from lookalike.shared.messages import CatalogDelete, dlq_topic
+from lookalike.shared.runtime import Emit, Function, Route, Runner
 
 pytestmark = pytest.mark.e2e
 

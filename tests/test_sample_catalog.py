@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.messages import CatalogUpsert
-from shared.sample_catalog import SHOPS, generate
+from lookalike.sample_catalog import SHOPS, generate
+from lookalike.shared.messages import CatalogUpsert
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_query_photos_are_new_photos(catalog0):
 
 @pytest.fixture(scope="module")
 def lite0():
-    from shared.embedders import load_embedder
+    from lookalike.shared.embedders import load_embedder
 
     return load_embedder("efficientnet_lite0", device="cpu", batch_size=16)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared.config import Settings
-from shared.service import Resources
+from lookalike.functions.wiring import Resources
+from lookalike.shared.config import Settings
 
 
 def test_auto_model_says_which_model_it_chose_and_why(tmp_path, monkeypatch):
@@ -20,7 +20,7 @@ def test_auto_model_says_which_model_it_chose_and_why(tmp_path, monkeypatch):
 
 
 def test_detector_label_settings(tmp_path):
-    from shared.detector import NOT_PRODUCTS
+    from lookalike.shared.detector import NOT_PRODUCTS
 
     default = Settings(LOOKALIKE_DATA_DIR=str(tmp_path)).detector_labels()
     assert default == {"product_labels": None, "exclude_labels": NOT_PRODUCTS}
@@ -37,7 +37,7 @@ def test_euclid_distance_gets_its_own_collection(tmp_path):
 
 def test_consumer_groups_named_for_status_and_health_match_the_functions_routes(tmp_path):
     # GIVEN the four functions as the stack builds them (no models or store are touched for routes)
-    from shared.runtime import CONSUMER_GROUPS, consumer_group
+    from lookalike.shared.runtime import CONSUMER_GROUPS, consumer_group
 
     res = Resources(Settings(LOOKALIKE_DATA_DIR=str(tmp_path)))
     groups = {}

@@ -10,9 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-from shared.errors import StoreUnavailable
-from shared.messages import Offer, ProductInfo, SearchFilters, point_id
-from shared.stores import CollectionSpec, EdgeStore, PointRecord, QdrantClientStore, VectorStore, open_store
+from lookalike.shared.errors import StoreUnavailable
+from lookalike.shared.messages import Offer, ProductInfo, SearchFilters, point_id
+from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord, QdrantClientStore, VectorStore, open_store
 
 DIM = 64
 COLL = "lookalike__test"

@@ -7,10 +7,10 @@ search request skips detection: that region is the only object.
 
 from __future__ import annotations
 
-from shared.detector import Detector, whole_image_object
-from shared.errors import PoisonMessage
-from shared.images import open_jpeg
-from shared.messages import (
+from lookalike.shared.detector import Detector, whole_image_object
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import open_jpeg
+from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     DetectedImage,
@@ -19,7 +19,7 @@ from shared.messages import (
     NormalizedMessage,
     ProductSync,
 )
-from shared.runtime import Emit, Function, Route
+from lookalike.shared.runtime import Emit, Function, Route
 
 
 class Detect(Function):

@@ -7,10 +7,10 @@ catalogue indexing and shopper queries share the batching.
 
 from __future__ import annotations
 
-from shared.embedders import Embedder
-from shared.errors import PoisonMessage
-from shared.images import crop, open_jpeg
-from shared.messages import (
+from lookalike.shared.embedding import Embedder
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import crop, open_jpeg
+from lookalike.shared.messages import (
     CATALOG_INDEXED,
     IMAGES_DETECTED,
     QUERY_VECTORS,
@@ -22,8 +22,8 @@ from shared.messages import (
     QueryVectors,
     point_id,
 )
-from shared.runtime import Emit, Function, Outcome, Route
-from shared.stores import PointRecord, VectorStore
+from lookalike.shared.runtime import Emit, Function, Outcome, Route
+from lookalike.shared.stores import PointRecord, VectorStore
 
 
 class Embed(Function):

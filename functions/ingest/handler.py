@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import base64
 
-from shared.config import Settings
-from shared.errors import PoisonMessage
-from shared.images import image_id, load_source, normalize, thumbnail
-from shared.messages import (
+from lookalike.shared.config import Settings
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import image_id, load_source, normalize, thumbnail
+from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
     SEARCH_REQUESTS,
@@ -32,8 +32,8 @@ from shared.messages import (
     QueryContext,
     SearchRequest,
 )
-from shared.runtime import Emit, Function, Route
-from shared.stores import VectorStore
+from lookalike.shared.runtime import Emit, Function, Route
+from lookalike.shared.stores import VectorStore
 
 
 class Ingest(Function):

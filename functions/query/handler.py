@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.errors import PoisonMessage
-from shared.messages import (
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.messages import (
     QUERY_VECTORS,
     RECOMMEND_REQUESTS,
     SEARCH_RESULTS,
@@ -24,8 +24,8 @@ from shared.messages import (
     SearchFilters,
     SearchResult,
 )
-from shared.runtime import Emit, Function, Route
-from shared.stores import Hit, VectorStore
+from lookalike.shared.runtime import Emit, Function, Route
+from lookalike.shared.stores import Hit, VectorStore
 
 
 def _offers(payload: dict) -> list[ComparedOffer]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.stores.base import CollectionSpec, Hit, PointRecord, VectorStore
-from shared.stores.client import QdrantClientStore
-from shared.stores.edge import EdgeStore
+from lookalike.shared.stores.base import CollectionSpec, Hit, PointRecord, VectorStore
+from lookalike.shared.stores.client import QdrantClientStore
+from lookalike.shared.stores.edge import EdgeStore
 
 
 def open_store(qdrant_url: str | None, data_dir: Path, api_key: str | None = None) -> VectorStore:

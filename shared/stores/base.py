@@ -1,9 +1,9 @@
 """The vector-store interface and the logic both adapters share.
 
 A collection holds one point per detected object of a catalogue image. Point ids
-come from :func:`shared.messages.point_id`, so redelivering an image overwrites
+come from :func:`lookalike.shared.messages.point_id`, so redelivering an image overwrites
 its points. Every point of a product carries the product's catalogue fields
-(:meth:`shared.messages.ProductInfo.payload`), which is what filters run on.
+(:meth:`lookalike.shared.messages.ProductInfo.payload`), which is what filters run on.
 
 Filters are described here once, backend-neutrally (:class:`Conditions`); each
 adapter translates them into its own filter classes and hands them to the engine,
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy
 
-from shared.messages import SearchFilters
+from lookalike.shared.messages import SearchFilters
 
 Distance = Literal["cosine", "euclid"]
 
@@ -60,7 +60,7 @@ class CollectionSpec:
 
 @dataclass
 class PointRecord:
-    id: str  # uuid string (from shared.messages.point_id)
+    id: str  # uuid string (from lookalike.shared.messages.point_id)
     vector: Sequence[float] | numpy.ndarray
     payload: dict
 
@@ -174,7 +174,7 @@ def as_vector(vector: Any, dim: int | None = None) -> list[float]:
 class VectorStore(ABC):
     """One collection per embedding model; see the module docstring for the data model.
 
-    Transport/engine I/O failures raise :class:`shared.errors.StoreUnavailable`
+    Transport/engine I/O failures raise :class:`lookalike.shared.errors.StoreUnavailable`
     (retry later); programmer errors stay ``KeyError`` (unknown collection) or
     ``ValueError`` (wrong dim, spec mismatch).
     """

@@ -12,9 +12,9 @@ import httpx
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from shared.errors import StoreUnavailable
-from shared.messages import SearchFilters
-from shared.stores.base import (
+from lookalike.shared.errors import StoreUnavailable
+from lookalike.shared.messages import SearchFilters
+from lookalike.shared.stores.base import (
     PAYLOAD_INDEXES,
     SCROLL_PAGE,
     CollectionSpec,

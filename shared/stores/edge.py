@@ -31,9 +31,9 @@ from typing import Any
 import numpy
 import qdrant_edge as qe
 
-from shared.errors import StoreUnavailable
-from shared.messages import SearchFilters
-from shared.stores.base import (
+from lookalike.shared.errors import StoreUnavailable
+from lookalike.shared.messages import SearchFilters
+from lookalike.shared.stores.base import (
     PAYLOAD_INDEXES,
     SCROLL_PAGE,
     CollectionSpec,

@@ -1,7 +1,7 @@
 """kill -9 while catalogue events flow: nothing lost, nothing duplicated, nothing claimed falsely.
 
 Real broker (Tansu), real store (Qdrant Edge), real functions as the processes a user
-runs (`lookalike up`, `python -m functions.detect`). Crash points are drawn at random
+runs (`lookalike up`, `python -m lookalike.functions detect`). Crash points are drawn at random
 (the seed is printed and written to test-output/faults/); every run then checks the
 store itself: each product holds exactly one point per image (detection is off, so one
 object per image), with the image ids of its catalogue photos, and no other point.
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from shared.images import image_id
-from shared.service import read_stack_file
+from lookalike.shared.images import image_id
+from lookalike.stack import read_stack_file
 from tests.conftest import OUTPUT_DIR
 
 pytestmark = pytest.mark.e2e
 
-LOOKALIKE = [sys.executable, "-m", "shared.cli"]
+LOOKALIKE = [sys.executable, "-m", "lookalike.cli"]
 N_PRODUCTS = 500
 SEED = int(os.environ.get("FAULT_SEED", random.randrange(1 << 30)))
 
@@ -86,8 +86,8 @@ def wait(predicate, timeout_s: float, what: str) -> None:
 
 def check_store(data_dir: Path, expected: dict[str, set[str]]) -> dict:
     """Every product exactly once with all its images: compared point by point with the catalogue."""
-    from shared.config import Settings
-    from shared.stores import open_store
+    from lookalike.shared.config import Settings
+    from lookalike.shared.stores import open_store
 
     store = open_store(None, data_dir)
     try:
@@ -161,7 +161,7 @@ def test_kill_9_of_the_embedded_stack_then_the_same_index_converges(tmp_path):
 
 
 def test_kill_9_of_each_function_process_with_a_surviving_broker_resumes_by_itself(tmp_path):
-    from shared.bus import TansuBroker
+    from lookalike.shared.bus import TansuBroker
 
     rng = random.Random(SEED + 1)
     catalog, expected = write_catalog(tmp_path / "catalog", N_PRODUCTS, rng)
@@ -171,7 +171,7 @@ def test_kill_9_of_each_function_process_with_a_surviving_broker_resumes_by_itse
         env = env_for(data_dir, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers)
 
         def start_detect() -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "functions.detect"], env=env,
+            return subprocess.Popen([sys.executable, "-m", "lookalike.functions", "detect"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         # GIVEN ingest+embed+query in one process (they share the embedded store) and detect in another

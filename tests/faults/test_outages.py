@@ -17,8 +17,8 @@ import pytest
 from kafka.errors import KafkaError
 from PIL import Image
 
-from shared.errors import StoreUnavailable
-from shared.messages import IMAGES_NORMALIZED, CatalogUpsert, ImageRef, Offer
+from lookalike.shared.errors import StoreUnavailable
+from lookalike.shared.messages import IMAGES_NORMALIZED, CatalogUpsert, ImageRef, Offer
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.e2e
@@ -88,12 +88,12 @@ class _Failed:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    import shared.runtime
-    from shared.bus import TansuBroker
-    from shared.client import Client
-    from shared.service import Stack
+    import lookalike.shared.runtime
+    from lookalike.client import Client
+    from lookalike.shared.bus import TansuBroker
+    from lookalike.stack import Stack
 
-    real_make_producer = shared.runtime.make_producer
+    real_make_producer = lookalike.shared.runtime.make_producer
 
     def flaky_producer(*args, **kwargs):
         producer = real_make_producer(*args, **kwargs)
@@ -110,7 +110,7 @@ def rig(tmp_path_factory):
 
     host = ImageHost()
     mp = pytest.MonkeyPatch()
-    mp.setattr(shared.runtime, "make_producer", flaky_producer)
+    mp.setattr(lookalike.shared.runtime, "make_producer", flaky_producer)
     broker = TansuBroker()
     settings = make_settings(tmp_path_factory.mktemp("outages"), kafka_bootstrap_servers=broker.bootstrap_servers,
                              allow_private_urls=True, url_timeout_s=20.0, max_attempts=3)

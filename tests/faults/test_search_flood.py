@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.client import Client, read_catalog
-from shared.messages import CATALOG_EVENTS
+from lookalike.client import Client, read_catalog
+from lookalike.shared.messages import CATALOG_EVENTS
 from tests.conftest import OUTPUT_DIR, make_settings
 
 pytestmark = pytest.mark.e2e
@@ -44,8 +44,8 @@ def phone_photo() -> bytes:
 
 
 def test_a_flood_of_searches_is_bounded_and_memory_levels_off(tmp_path, sample_catalog):
-    from shared.bus import TansuBroker
-    from shared.service import Stack
+    from lookalike.shared.bus import TansuBroker
+    from lookalike.stack import Stack
 
     photo = phone_photo()
     with TansuBroker() as broker:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.config import Settings
-from shared.messages import Box, SearchFilters
+from lookalike.shared.config import Settings
+from lookalike.shared.messages import Box, SearchFilters
 
 DEMO_PRODUCTS = 24
 
 
 def _bootstrap(settings: Settings) -> str:
-    from shared.service import read_stack_file
+    from lookalike.stack import read_stack_file
 
     if settings.kafka_bootstrap_servers:
         return settings.kafka_bootstrap_servers
@@ -39,7 +39,8 @@ def _filters(args) -> SearchFilters:
 
 
 def cmd_up(args, settings: Settings) -> None:
-    from shared.service import FUNCTIONS, Stack
+    from lookalike.functions.wiring import FUNCTIONS
+    from lookalike.stack import Stack
 
     names = tuple(n.strip() for n in args.functions.split(",") if n.strip()) if args.functions else FUNCTIONS
     unknown = set(names) - set(FUNCTIONS)
@@ -57,8 +58,8 @@ def cmd_up(args, settings: Settings) -> None:
 
 
 def cmd_index(args, settings: Settings) -> None:
-    from shared.client import Client, read_catalog
-    from shared.messages import CATALOG_EVENTS
+    from lookalike.client import Client, read_catalog
+    from lookalike.shared.messages import CATALOG_EVENTS
 
     client = Client(_bootstrap(settings), settings.topic_partitions)
     try:
@@ -83,7 +84,7 @@ def cmd_index(args, settings: Settings) -> None:
 
 
 def cmd_search(args, settings: Settings) -> None:
-    from shared.client import Client, format_result
+    from lookalike.client import Client, format_result
 
     client = Client(_bootstrap(settings), settings.topic_partitions)
     try:
@@ -102,8 +103,8 @@ def cmd_search(args, settings: Settings) -> None:
 
 
 def cmd_status(args, settings: Settings) -> None:
-    from shared.client import Client
-    from shared.service import read_stack_file
+    from lookalike.client import Client
+    from lookalike.stack import read_stack_file
 
     client = Client(_bootstrap(settings), settings.topic_partitions)
     status = client.status()
@@ -131,8 +132,8 @@ def cmd_status(args, settings: Settings) -> None:
 
 
 def cmd_dlq(args, settings: Settings) -> None:
-    from shared.client import Client
-    from shared.messages import ALL_TOPICS
+    from lookalike.client import Client
+    from lookalike.shared.messages import ALL_TOPICS
 
     topic = args.topic.removesuffix(".dlq")
     if topic not in ALL_TOPICS:
@@ -170,9 +171,9 @@ def cmd_demo(args, settings: Settings) -> None:
     Interactive runs keep serving the web page until Ctrl-C; scripted runs (no terminal
     on stdin, or --no-serve) stop after the search.
     """
-    from shared.client import Client, format_result, read_catalog
-    from shared.sample_catalog import generate
-    from shared.service import Stack
+    from lookalike.client import Client, format_result, read_catalog
+    from lookalike.sample_catalog import generate
+    from lookalike.stack import Stack
 
     sample_dir = settings.data_dir / "sample"
     print(f"generating the sample catalogue in {sample_dir} ...", flush=True)
@@ -214,7 +215,7 @@ def cmd_demo(args, settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shared.service import setup_logging
+    from lookalike.shared.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="lookalike", description=__doc__)
     parser.add_argument("--data-dir", help="data directory (default $LOOKALIKE_DATA_DIR or ./data)")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("up", help="run the embedded stack (broker, four functions, store, web page) until Ctrl-C")
     p.add_argument("--no-gateway", action="store_true", help="don't serve the web page and HTTP API")
     p.add_argument("--functions", help="comma-separated functions to run here (default: all four); "
-                                       "run the others as `python -m functions.<name>`")
+                                       "run the others as `python -m lookalike.functions <name>`")
 
     p = sub.add_parser("index", help="publish catalogue events from a JSONL file and wait until indexed")
     p.add_argument("file")
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
                    help="keep serving the web page after the search (default: when run from a terminal)")
 
-    from shared.evaluation import add_commands as add_quality_commands  # eval, finetune, reindex
+    from lookalike.quality import add_commands as add_quality_commands  # eval, finetune, reindex
 
     quality_handlers = add_quality_commands(sub)
 

@@ -22,7 +22,7 @@ Recipe (built to fit ~3,000 photos into <= 30 min on a 2-core CPU):
   first. ``--val`` is evaluated once, at the end, and never used to choose anything.
 
 Output: ``DIR/model.pt`` (state dict) and ``DIR/model.json`` (id, base, dim, preprocessing,
-training config, train/hold-out/val metrics). ``shared.embedders`` loads such a directory
+training config, train/hold-out/val metrics). ``lookalike.shared.embedders`` loads such a directory
 (``EMBED_MODEL=DIR`` or ``EMBED_MODEL=<id>`` with the directory at
 ``$LOOKALIKE_MODELS_DIR/<id>`` / ``$LOOKALIKE_DATA_DIR/models/<id>``).
 """
@@ -40,11 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lookalike.shared.finetuned import FORMAT, MANIFEST, WEIGHTS, FinetunedLite0
+
 log = logging.getLogger("lookalike.finetune")
 
-MANIFEST = "model.json"
-WEIGHTS = "model.pt"
-FORMAT = "lookalike-finetuned-v1"
 
 
 @dataclass
@@ -79,79 +78,8 @@ class FinetuneConfig:
     miner_epsilon: float = 0.1
 
 
-# --------------------------------------------------------------------------- model
-
-
-class FinetunedLite0(torch.nn.Module):
-    """EfficientNet-Lite0 trunk split at ``len(blocks) - train_blocks``, plus a projection."""
-
-    def __init__(self, net: torch.nn.Module, dim: int, train_blocks: int):
-        super().__init__()
-        self.net = net
-        n = len(net._blocks)
-        if not 0 <= train_blocks <= n:
-            raise ValueError(f"train_blocks must be in 0..{n}")
-        self.split = n - train_blocks
-        self.proj = torch.nn.Linear(net._conv_head.out_channels, dim)
-
-    def _block(self, idx: int, x: torch.Tensor) -> torch.Tensor:
-        rate = self.net._global_params.drop_connect_rate
-        if rate:
-            rate *= float(idx) / len(self.net._blocks)
-        return self.net._blocks[idx](x, drop_connect_rate=rate)
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        for idx in range(self.split):
-            x = self._block(idx, x)
-        return x
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk output -> the backbone's pooled 1280-d features (before the projection)."""
-        net = self.net
-        for idx in range(self.split, len(net._blocks)):
-            x = self._block(idx, x)
-        x = net._swish(net._bn1(net._conv_head(x)))
-        return net._avg_pooling(x).flatten(1)
-
-    def top(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pooled(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.top(self.trunk(x))
-
-    def trainable_parameters(self) -> tuple[list, list]:
-        """(backbone params to train, head params)."""
-        net = self.net
-        back = [p for b in net._blocks[self.split :] for p in b.parameters()]
-        back += list(net._conv_head.parameters()) + list(net._bn1.parameters())
-        return back, list(self.proj.parameters())
-
-    def set_train_mode(self) -> None:
-        """Dropout/drop-connect on in the trained blocks; BatchNorm statistics frozen everywhere."""
-        self.train()
-        for mod in self.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.eval()
-
-
-def build_finetuned(manifest: dict, weights: Path | None) -> FinetunedLite0:
-    """The network a manifest describes, with ``weights`` loaded (strictly) when given."""
-    from shared.embedders import REGISTRY
-
-    base = manifest.get("base", "efficientnet_lite0")
-    if base != "efficientnet_lite0":
-        raise ValueError(f"fine-tuning supports base efficientnet_lite0 only, not {base!r}")
-    model = FinetunedLite0(REGISTRY[base].architecture(), int(manifest["dim"]), int(manifest["train_blocks"]))
-    if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    return model
-
-
 def _base_model(cfg: FinetuneConfig) -> FinetunedLite0:
-    from shared.embedders import REGISTRY
+    from lookalike.shared.embedders import REGISTRY
 
     spec = REGISTRY[cfg.base]
     path = spec.find_weights()
@@ -185,7 +113,7 @@ def preprocessing(cfg: FinetuneConfig):
     """The base model's preprocessing at the configured input size."""
     from dataclasses import replace
 
-    from shared.embedders import REGISTRY
+    from lookalike.shared.embedders import REGISTRY
 
     return replace(REGISTRY[cfg.base].preprocessing, resize=cfg.resize, crop=cfg.crop)
 
@@ -356,7 +284,7 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
     """Select the epoch count on a hold-out, refit on every photo, write ``out_dir/model.{pt,json}``.
 
     Returns the manifest."""
-    from shared.evaluation import retrieval_metrics
+    from lookalike.evaluation import retrieval_metrics
 
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
@@ -481,7 +409,7 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if val:
         # Once, with the saved model, for the report only (never used for selection).
-        from shared.evaluation import evaluate_direct
+        from lookalike.evaluation import evaluate_direct
 
         manifest["metrics"]["val"] = evaluate_direct(train, val, model_id=str(out_dir))
     manifest["timing_s"]["total"] = round(time.monotonic() - t_start, 1)

@@ -151,13 +151,13 @@ def evaluate_direct(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple
                     model_id: str = "efficientnet_lite0", precision: str = "fp32",
                     detect_weights: str = "none", embedder=None, detector=None) -> dict:
     """Embed in-process and rank by exact cosine; see the module docstring."""
-    from shared.embedders import load_embedder
+    from lookalike.shared.embedders import load_embedder
 
     t0 = time.monotonic()
     if embedder is None:
         embedder = load_embedder(model_id, device="cpu", precision=precision)
     if detector is None and detect_weights.strip().lower() != "none":
-        from shared.detector import load_detector
+        from lookalike.shared.detector import load_detector
 
         detector = load_detector(detect_weights)
     g_paths, q_paths = [p for p, _ in gallery], [p for p, _ in queries]
@@ -180,7 +180,7 @@ def gallery_events(gallery: Sequence[tuple[Path, str]], max_images: int):
     """One CatalogUpsert per label (chunks of ``max_images`` become label#2, label#3...)."""
     import base64
 
-    from shared.messages import CatalogUpsert
+    from lookalike.shared.messages import CatalogUpsert
 
     by_label: dict[str, list[Path]] = {}
     for p, lab in gallery:
@@ -195,7 +195,7 @@ def gallery_events(gallery: Sequence[tuple[Path, str]], max_images: int):
 
 
 def _max_images() -> int:
-    from shared.messages import CatalogUpsert
+    from lookalike.shared.messages import CatalogUpsert
 
     field = CatalogUpsert.model_fields["images"]
     for meta in field.metadata:
@@ -211,10 +211,10 @@ def evaluate_pipeline(gallery: Sequence[tuple[Path, str]], queries: Sequence[tup
     import os
     import tempfile
 
-    from shared.client import Client
-    from shared.config import Settings
-    from shared.messages import CATALOG_EVENTS
-    from shared.service import Stack
+    from lookalike.client import Client
+    from lookalike.shared.config import Settings
+    from lookalike.shared.messages import CATALOG_EVENTS
+    from lookalike.stack import Stack
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
@@ -286,47 +286,6 @@ def json_line(r: dict) -> str:
     return json.dumps(r, sort_keys=True)
 
 
-# --------------------------------------------------------------------------- CLI (`lookalike eval|finetune|reindex`)
-
-
-def cmd_eval(args, settings) -> None:
-    model = args.model or (settings.embed_model if settings.embed_model != "auto" else "efficientnet_lite0")
-    if args.model is None and settings.embed_model == "auto":
-        from shared.embedders import resolve_model_id
-
-        model = resolve_model_id("auto")
-    result = evaluate(args.gallery, args.queries, model, args.mode, args.precision, args.detect)
-    print(format_result(result), flush=True)
-    if args.json:
-        print(json_line(result), flush=True)
-
-
-def cmd_finetune(args, settings) -> None:
-    from shared.finetune import FinetuneConfig, finetune
-
-    cfg = FinetuneConfig(model_id=args.id, dim=args.dim, train_blocks=args.train_blocks, views=args.views,
-                         resize=args.resize, crop=args.crop,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout,
-                         series_distance=args.series_distance, refit=not args.no_refit,
-                         max_minutes=args.max_minutes, seed=args.seed)
-    train = read_labelled_csv(args.train)
-    val = read_labelled_csv(args.val) if args.val else None
-    manifest = finetune(train, Path(args.out), cfg, val=val, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    m = manifest["metrics"]
-    print(f"wrote {args.out} (model id {manifest['id']}, dim {manifest['dim']}, best epoch {manifest['best_epoch']}, "
-          f"stopped: {manifest['stopped']}, refit epochs {manifest['data']['refit_epochs']}, "
-          f"{manifest['timing_s']['total']} s)")
-    # train and hold-out scores are the selection run's at the best epoch (the refit also trains on the hold-out)
-    for name in ("train_leave_one_out", "holdout", "val"):
-        if m.get(name):
-            print(f"  {name:20s} Recall@1 {m[name]['recall@1']:.3f}  Recall@5 {m[name]['recall@5']:.3f}  "
-                  f"mAP@10 {m[name]['map@10']:.3f}")
-    print(f"use it: EMBED_MODEL={Path(args.out).resolve()} (or copy it to $LOOKALIKE_DATA_DIR/models/{manifest['id']} "
-          f"and set EMBED_MODEL={manifest['id']})")
-    if args.json:
-        print(json.dumps({k: manifest[k] for k in ("id", "dim", "best_epoch", "stopped", "metrics", "timing_s")}))
-
-
 def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -> dict:
     """Rebuild ``model_id``'s collection from a catalogue file through the embedded pipeline.
 
@@ -334,9 +293,9 @@ def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -
     catalogue file. Each listed product's points in this collection are removed first,
     so ingest treats every image as new and embed writes them again.
     """
-    from shared.client import Client, read_catalog
-    from shared.messages import CATALOG_EVENTS
-    from shared.service import Stack
+    from lookalike.client import Client, read_catalog
+    from lookalike.shared.messages import CATALOG_EVENTS
+    from lookalike.stack import Stack
 
     settings = settings.model_copy(update={"embed_model": model_id})
     events = read_catalog(Path(catalog))
@@ -353,75 +312,3 @@ def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -
             client.close()
         return {"model": stack.resources.model_id, "collection": coll, "events": len(events),
                 "points": store.count(coll), "seconds": round(time.monotonic() - t0, 1)}
-
-
-def cmd_reindex(args, settings) -> None:
-    if settings.kafka_bootstrap_servers:
-        raise ValueError("reindex runs its own embedded pipeline; unset KAFKA_BOOTSTRAP_SERVERS")
-    r = reindex(settings, args.model, Path(args.catalog), args.timeout)
-    print(f"reindexed {r['events']} catalogue events into {r['collection']} (model {r['model']}): "
-          f"{r['points']} points in {r['seconds']} s")
-
-
-def add_commands(sub) -> dict:
-    """Add ``eval``, ``finetune`` and ``reindex`` to the ``lookalike`` parser; returns their handlers."""
-    p = sub.add_parser("eval", help="Recall@1/5/10 and mAP@10 of a gallery CSV against a query CSV (path,label)")
-    p.add_argument("--gallery", required=True, help="CSV path,label: indexed, one product per label")
-    p.add_argument("--queries", required=True, help="CSV path,label: searched")
-    p.add_argument("--model", help="embedder id or fine-tuned model directory (default $EMBED_MODEL)")
-    p.add_argument("--mode", choices=("direct", "pipeline"), default="direct")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--detect", default="none",
-                   help="detector weights (direct: crop the top detection; pipeline: DETECT_WEIGHTS); "
-                        "none = whole images")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
-
-    p = sub.add_parser("finetune", help="fine-tune an embedder on labelled catalogue photos (CSV path,label)")
-    p.add_argument("--train", required=True)
-    p.add_argument("--val", help="scored once at the end for the report; never used for model selection")
-    p.add_argument("--out", required=True, help="output model directory (model.pt + model.json)")
-    p.add_argument("--id", default="lite0-ft", help="model id (names the store collection)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--train-blocks", type=int, default=2)
-    p.add_argument("--resize", type=int, default=256, help="input: shorter side resized to this ...")
-    p.add_argument("--crop", type=int, default=224, help="... then this centre crop (crop = resize: whole frame)")
-    p.add_argument("--views", type=int, default=7, help="augmented views cached per photo")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--holdout", type=float, default=0.15, help="fraction of train photos held out for selection")
-    p.add_argument("--series-distance", type=float, default=0.25,
-                   help="cosine distance that groups photos into a series held out together (0: single photos)")
-    p.add_argument("--no-refit", action="store_true",
-                   help="keep the selected epoch's model instead of retraining on every photo")
-    p.add_argument("--max-minutes", type=float, default=25.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", help="keep the frozen-trunk features here and reuse them on the next run")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("reindex", help="rebuild a model's collection from a catalogue file (embedded pipeline)")
-    p.add_argument("--model", required=True, help="embedder id or fine-tuned model directory")
-    p.add_argument("--catalog", required=True, help="catalogue JSONL (as for `lookalike index`): the image source")
-    p.add_argument("--timeout", type=float, default=3600)
-    return {"eval": cmd_eval, "finetune": cmd_finetune, "reindex": cmd_reindex}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m shared.evaluation eval|finetune|reindex ...``: the same as ``lookalike eval|finetune|reindex``."""
-    import argparse
-    import os
-
-    from shared.config import Settings
-
-    parser = argparse.ArgumentParser(prog="python -m shared.evaluation")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    handlers = add_commands(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers[args.command](args, Settings())
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from shared.messages import CatalogUpsert, ImageRef, Offer
+from lookalike.shared.messages import CatalogUpsert, ImageRef, Offer
 
 CANVAS = 400  # object drawing canvas (square, RGBA)
 

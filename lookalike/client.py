@@ -14,12 +14,12 @@ from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata
 from pydantic import TypeAdapter
 
-from shared.bus import OffsetReader, ensure_topics, make_producer, tail_consumer, topic_partitions
-from shared.config import Settings
-from shared.errors import PoisonMessage
-from shared.images import normalize
-from shared.limits import INLINE_IMAGE_BYTES, MAX_MESSAGE_BYTES, fits_message
-from shared.messages import (
+from lookalike.shared.bus import OffsetReader, ensure_topics, make_producer, tail_consumer, topic_partitions
+from lookalike.shared.config import Settings
+from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import normalize
+from lookalike.shared.limits import INLINE_IMAGE_BYTES, MAX_MESSAGE_BYTES, fits_message
+from lookalike.shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
     CATALOG_INDEXED,
@@ -36,7 +36,7 @@ from shared.messages import (
     SearchResult,
     dlq_topic,
 )
-from shared.runtime import CONSUMER_GROUPS
+from lookalike.shared.runtime import CONSUMER_GROUPS
 
 # The index path, stage by stage: (consumer group, its input topic).
 INDEX_STAGES = tuple((group, CONSUMER_GROUPS[group][0])

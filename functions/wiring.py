@@ -1,0 +1,117 @@
+"""Function wiring: build the four functions from settings, and run one alone.
+
+``python -m lookalike.functions <name>`` runs one function (scaled out: one process per
+function, each a member of its consumer group(s), each lane supervised). Models and
+stores are loaded once here and handed to the handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from lookalike.shared.bus import ensure_topics
+from lookalike.shared.config import Settings
+from lookalike.shared.logs import setup_logging
+from lookalike.shared.runtime import Function, Runner, Supervisor
+from lookalike.shared.stores import CollectionSpec, VectorStore, open_store
+
+log = logging.getLogger("lookalike")
+
+FUNCTIONS = ("ingest", "detect", "embed", "query")
+
+
+@dataclass
+class Resources:
+    """What functions are built from: loaded once at start-up, handed to handlers."""
+
+    settings: Settings
+    store: VectorStore | None = None
+    model_id: str = ""
+    collection: str = ""
+    embedder: object | None = None
+    detector: object | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, settings: Settings, names: tuple[str, ...]) -> "Resources":
+        from lookalike.shared.embedders import REGISTRY, resolve_model_id
+
+        res = cls(settings)
+        res.model_id = resolve_model_id(settings.embed_model)
+        res.collection = settings.collection_name(res.model_id)
+        if settings.embed_model == "auto":
+            why = ("its weights were found" if res.model_id == "resnet50" else
+                   "resnet50 weights are not available offline; set EMBED_WEIGHTS or put them in torch's cache")
+            res.notes.append(f"EMBED_MODEL=auto chose {res.model_id} ({why})")
+        if {"ingest", "embed", "query"} & set(names):
+            res.store = open_store(settings.qdrant_url, settings.data_dir, api_key=settings.qdrant_api_key)
+            res.store.ensure_collection(CollectionSpec(res.collection, REGISTRY[res.model_id].dim, settings.distance))
+        if "embed" in names:
+            from lookalike.shared.embedders import load_embedder
+
+            res.embedder = load_embedder(res.model_id, settings.embed_device, settings.embed_precision,
+                                         settings.embed_weights, settings.embed_batch_size)
+            res.notes.append(f"embedder {res.model_id} on {res.embedder.device} ({res.embedder.precision})")
+        if "detect" in names:
+            from lookalike.shared.detector import load_detector
+
+            res.detector = load_detector(settings.detect_weights, conf=settings.detect_conf,
+                                         max_objects=settings.detect_max_objects, **settings.detector_labels())
+            res.notes.append(f"detector {type(res.detector).__name__} ({settings.detect_weights})")
+        return res
+
+    def build(self, name: str) -> Function:
+        from lookalike.functions.detect.handler import Detect
+        from lookalike.functions.embed.handler import Embed
+        from lookalike.functions.ingest.handler import Ingest
+        from lookalike.functions.query.handler import Query
+
+        if name == "ingest":
+            return Ingest(self.settings, self.store, self.collection)
+        if name == "detect":
+            return Detect(self.detector)
+        if name == "embed":
+            return Embed(self.embedder, self.store, self.collection)
+        if name == "query":
+            return Query(self.store, self.collection, self.model_id, self.settings.search_oversample,
+                         self.settings.merge_threshold, self.settings.search_max_points)
+        raise ValueError(f"unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
+
+
+def run_function(name: str) -> None:
+    """Entry point of ``python -m lookalike.functions <name>``: one function, configured by env vars."""
+    settings = Settings()
+    setup_logging(settings.log_level)
+    if not settings.kafka_bootstrap_servers:
+        raise SystemExit("KAFKA_BOOTSTRAP_SERVERS is not set: a function run alone joins an existing broker "
+                         "(or use `lookalike up` for the embedded stack)")
+    ensure_topics(settings.kafka_bootstrap_servers, settings.topic_partitions)
+    resources = Resources.load(settings, (name,))
+    supervisors = supervise(resources.build(name), settings, settings.kafka_bootstrap_servers)
+    # SIGTERM: finish the batch in hand, commit, exit.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        for supervisor in supervisors:
+            supervisor.runner.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
+        if resources.store:
+            resources.store.close()
+
+
+def supervise(fn: Function, settings: Settings, bootstrap_servers: str) -> list[Supervisor]:
+    """Start one supervised runner per lane of ``fn`` (each its own consumer group)."""
+    return [
+        Supervisor(Runner.from_settings(fn, settings, bootstrap_servers, lane=lane),
+                   backoff_max_s=settings.restart_backoff_max_s, stuck_after_s=settings.stuck_after_s).start()
+        for lane in fn.lanes()
+    ]
+
+
