@@ -40,7 +40,7 @@ class Resources:
         from lookalike.shared.embedders import REGISTRY, resolve_model_id
 
         res = cls(settings)
-        res.model_id = resolve_model_id(settings.embed_model)
+        res.model_id = resolve_model_id(settings.embed_model, **settings.embedder_options())
         res.collection = settings.collection_name(res.model_id)
         if settings.embed_model == "auto":
             why = ("its weights were found" if res.model_id == "resnet50" else
@@ -53,7 +53,8 @@ class Resources:
             from lookalike.shared.embedders import load_embedder
 
             res.embedder = load_embedder(res.model_id, settings.embed_device, settings.embed_precision,
-                                         settings.embed_weights, settings.embed_batch_size)
+                                         batch_size=settings.embed_batch_size, allow_download=settings.allow_download,
+                                         **settings.embedder_options())
             res.notes.append(f"embedder {res.model_id} on {res.embedder.device} ({res.embedder.precision})")
         if "detect" in names:
             from lookalike.shared.detector import load_detector

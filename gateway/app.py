@@ -1,11 +1,8 @@
 """The HTTP gateway: shoppers search by photo from a browser, operators check health.
 
 Requests become messages on the pipeline's topics; answers come back on
-``search.results``. One :class:`ResultsListener` per app reads every partition of
-``search.results`` (positioned at the end when it starts) and hands each record to
-the request waiting for its key (the request id). A request registers *before* it
-publishes, so its answer can't arrive unseen; on timeout it unregisters (504), and an
-answer that arrives later finds nobody waiting and is dropped.
+``search.results`` through one ``shared.replies.ReplyListener`` per app (the same
+request/reply code the ``lookalike`` client uses); no answer in time is a 504.
 
 Coordinates: ``box`` (request) and every object box in a search response are in
 pixels of the uploaded photo after EXIF rotation (``image.width``/``image.height`` of
@@ -36,21 +33,18 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from kafka import KafkaConsumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lookalike.shared.bus import OffsetReader, make_producer, tail_consumer
+from lookalike.shared.bus import OffsetReader, make_producer
 from lookalike.shared.config import Settings
-from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.errors import PoisonMessage, describe_errors
 from lookalike.shared.images import ImageTooLarge, decode, to_jpeg
 from lookalike.shared.limits import FORM_OVERHEAD_BYTES, MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_TOP_K, fits_message
 from lookalike.shared.messages import (
-    FUNCTION_INPUTS,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
-    SEARCH_RESULTS,
     Box,
     ImageRef,
     ProductId,
@@ -59,7 +53,8 @@ from lookalike.shared.messages import (
     SearchRequest,
     SearchResult,
 )
-from lookalike.shared.runtime import CONSUMER_GROUPS
+from lookalike.shared.replies import ReplyListener, ReplyTimeout
+from lookalike.shared.runtime import CONSUMER_GROUPS, lag_per_function
 from lookalike.shared.stores import VectorStore
 
 log = logging.getLogger("lookalike.gateway")
@@ -73,75 +68,6 @@ class GatewayTimeout(Exception):
     pass
 
 
-class _Waiter:
-    __slots__ = ("event", "value")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.value: bytes | None = None
-
-
-class ResultsListener:
-    """Reads search.results from its end and hands each record to the request waiting for its key."""
-
-    def __init__(self, bootstrap_servers: str):
-        self.bootstrap_servers = bootstrap_servers
-        self._waiting: dict[bytes, _Waiter] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._consumer: KafkaConsumer | None = None
-        self.dropped = 0  # answers nobody waited for any more (timed out) or for another gateway
-
-    def start(self) -> "ResultsListener":
-        with self._lock:
-            if self._thread is not None:
-                return self
-            # positioned before any request is published
-            self._consumer = tail_consumer(self.bootstrap_servers, [SEARCH_RESULTS], "lookalike-gateway")
-            self._thread = threading.Thread(target=self._run, name="gateway-results", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                batches = self._consumer.poll(timeout_ms=100)
-            except Exception as e:  # broker hiccup: keep listening, requests time out meanwhile
-                log.warning("reading %s failed: %s", SEARCH_RESULTS, e)
-                self._stop.wait(0.5)
-                continue
-            for records in batches.values():
-                for r in records:
-                    with self._lock:
-                        waiter = self._waiting.get(r.key)
-                        if waiter is None:
-                            self.dropped += 1
-                            continue
-                        waiter.value = r.value
-                    waiter.event.set()
-        self._consumer.close(autocommit=False)
-
-    def register(self, request_id: str) -> _Waiter:
-        waiter = _Waiter()
-        with self._lock:
-            self._waiting[request_id.encode()] = waiter
-        return waiter
-
-    def unregister(self, request_id: str) -> None:
-        with self._lock:
-            self._waiting.pop(request_id.encode(), None)
-
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._waiting)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
 class Gateway:
     """What the endpoints share: producer, results listener, offsets reader, store."""
 
@@ -153,7 +79,7 @@ class Gateway:
         self.settings = settings
         self.function_health = function_health  # {function: {"ok": bool, ...}}, from whoever runs them
         self.timeout_s = settings.gateway_timeout_s
-        self.listener = ResultsListener(bootstrap_servers)
+        self.listener = ReplyListener(bootstrap_servers, client_id="lookalike-gateway")
         self._producer = None
         self._offsets: OffsetReader | None = None
         self._lock = threading.Lock()
@@ -172,19 +98,19 @@ class Gateway:
         if not fits_message(key, value):
             raise HTTPException(413, f"the request is {len(value)} bytes, more than one message may carry "
                                      f"({MAX_MESSAGE_BYTES})")
-        self.listener.start()
-        waiter = self.listener.register(message.request_id)
-        try:
+
+        def publish() -> None:
             try:
                 self.producer.send(topic, key=key, value=value).get(timeout=10)
             except Exception as e:
                 raise HTTPException(503, f"could not publish to {topic}: {e}") from None
-            if not waiter.event.wait(self.timeout_s):
-                raise GatewayTimeout(f"no answer from the pipeline within {self.timeout_s:g} s "
-                                     f"(request {message.request_id}); is `lookalike up` running?")
-            return SearchResult.model_validate_json(waiter.value)
-        finally:
-            self.listener.unregister(message.request_id)
+
+        try:
+            answer = self.listener.request(message.request_id, publish, self.timeout_s)
+        except ReplyTimeout:
+            raise GatewayTimeout(f"no answer from the pipeline within {self.timeout_s:g} s "
+                                 f"(request {message.request_id}); is `lookalike up` running?") from None
+        return SearchResult.model_validate_json(answer)
 
     def health(self) -> tuple[bool, dict]:
         out: dict[str, Any] = {"pending_requests": self.listener.pending()}
@@ -193,10 +119,7 @@ class Gateway:
             with self._offsets_lock:
                 if self._offsets is None:
                     self._offsets = OffsetReader(self.bootstrap_servers)
-                lags = self._offsets.group_lags(CONSUMER_GROUPS)
-            # Per function, over its lanes' groups (lookalike-<function>[-<lane>]).
-            out["lag"] = {name: sum(n for group, n in lags.items() if group.split("-")[1] == name)
-                          for name in FUNCTION_INPUTS}
+                out["lag"] = lag_per_function(self._offsets.group_lags(CONSUMER_GROUPS))
             out["broker"] = {"ok": True, "bootstrap_servers": self.bootstrap_servers}
         except Exception as e:
             healthy = False
@@ -243,7 +166,7 @@ def _parse_box(text: str | None, width: int, height: int) -> Box | None:
         raise HTTPException(400, f"box must be x1,y1,x2,y2 in pixels of the photo with x2 > x1 and y2 > y1: {e}")
     if box is None:
         raise HTTPException(400, "box must have exactly four numbers: x1,y1,x2,y2")
-    if box.x1 >= width or box.y1 >= height or box.x2 <= 0 or box.y2 <= 0:
+    if box.misses(width, height):
         raise HTTPException(400, f"box {box.as_list()} lies outside the {width}x{height} photo")
     return box
 
@@ -254,7 +177,7 @@ def _parse_filters(text: str | None) -> SearchFilters:
     try:
         return SearchFilters.model_validate_json(text)
     except ValidationError as e:
-        raise HTTPException(400, f"filters: {_errors(e)}") from None
+        raise HTTPException(400, f"filters: {describe_errors(e.errors(), most=10)}") from None
 
 
 def _parse_top_k(text: str | None) -> int:
@@ -267,10 +190,6 @@ def _parse_top_k(text: str | None) -> int:
     if not 1 <= top_k <= MAX_TOP_K:
         raise HTTPException(400, f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
     return top_k
-
-
-def _errors(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
 
 
 def _normalize_photo(raw: bytes, settings: Settings) -> tuple[bytes, int, int, float]:
@@ -417,8 +336,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):
-        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": reasons}, status_code=400)
+        return JSONResponse({"detail": describe_errors(list(exc.errors()), most=10)}, status_code=400)
 
     @app.exception_handler(GatewayTimeout)
     async def _timeout(request: Request, exc: GatewayTimeout):

@@ -270,9 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.verbose and args.command != "up":
         # Short-lived clients close connections mid-metadata-refresh; kafka-python reports that as an error.
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    if args.data_dir:
-        os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
-    settings = Settings()
+    settings = Settings(LOOKALIKE_DATA_DIR=args.data_dir) if args.data_dir else Settings()
     handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo,
                 "dlq": cmd_dlq}
     handlers.update(quality_handlers)

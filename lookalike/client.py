@@ -25,7 +25,6 @@ from lookalike.shared.messages import (
     CATALOG_INDEXED,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
-    SEARCH_RESULTS,
     CatalogEvent,
     CatalogIndexed,
     CatalogUpsert,
@@ -36,6 +35,7 @@ from lookalike.shared.messages import (
     SearchResult,
     dlq_topic,
 )
+from lookalike.shared.replies import ReplyListener
 from lookalike.shared.runtime import CONSUMER_GROUPS
 
 # The index path, stage by stage: (consumer group, its input topic).
@@ -120,7 +120,7 @@ class Client:
         self.topic_partitions = topic_partitions  # for topics it has to create (a broker that lost them)
         self._producer = None
         self.offsets = OffsetReader(bootstrap_servers)
-        self._results_consumer: KafkaConsumer | None = None
+        self._replies: ReplyListener | None = None
 
     @property
     def producer(self):
@@ -132,8 +132,8 @@ class Client:
         if self._producer is not None:
             self._producer.close(timeout=10)
         self.offsets.close()
-        if self._results_consumer is not None:
-            self._results_consumer.close(autocommit=False)
+        if self._replies is not None:
+            self._replies.stop()
 
     def publish(self, topic: str, messages: Iterable[Message]) -> int:
         futures = [self.producer.send(topic, key=m.key().encode(), value=m.to_bytes()) for m in messages]
@@ -141,9 +141,6 @@ class Client:
         for f in futures:
             f.get(timeout=30)
         return len(futures)
-
-    def publish_raw(self, topic: str, key: bytes, value: bytes) -> None:
-        self.producer.send(topic, key=key, value=value).get(timeout=30)
 
     def index(self, events: list[Message], progress: Callable[[IndexReport], None] | None = None,
               timeout_s: float = 1800.0) -> IndexReport:
@@ -239,24 +236,12 @@ class Client:
             time.sleep(poll_s)
         return time.monotonic() - start
 
-    def _results(self) -> KafkaConsumer:
-        """One consumer of search.results for this client, positioned at the end when created."""
-        if self._results_consumer is None:
-            self._results_consumer = tail_consumer(self.bootstrap_servers, [SEARCH_RESULTS], "lookalike-cli")
-        return self._results_consumer
-
     def request(self, topic: str, message: SearchRequest | RecommendRequest, timeout_s: float = 60.0) -> SearchResult:
         """Publish a request and wait for its result on search.results (matched by request_id)."""
-        consumer = self._results()
-        self.publish(topic, [message])
-        key = message.request_id.encode()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=100).values():
-                for r in records:
-                    if r.key == key:  # results of other clients' requests are not ours to keep
-                        return SearchResult.model_validate_json(r.value)
-        raise TimeoutError(f"no result for request {message.request_id} within {timeout_s:.0f} s")
+        if self._replies is None:
+            self._replies = ReplyListener(self.bootstrap_servers, client_id="lookalike-cli")
+        answer = self._replies.request(message.request_id, lambda: self.publish(topic, [message]), timeout_s)
+        return SearchResult.model_validate_json(answer)
 
     def search(self, photo: bytes, timeout_s: float = 60.0, **fields) -> SearchResult:
         request = SearchRequest(image=ImageRef(data=base64.b64encode(photo).decode()), **fields)

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.shared.limits import MAX_IMAGES_PER_EVENT
+
 log = logging.getLogger("lookalike.evaluation")
 
 KS = (1, 5, 10)
@@ -194,21 +196,10 @@ def gallery_events(gallery: Sequence[tuple[Path, str]], max_images: int):
     return events
 
 
-def _max_images() -> int:
-    from lookalike.shared.messages import CatalogUpsert
-
-    field = CatalogUpsert.model_fields["images"]
-    for meta in field.metadata:
-        if getattr(meta, "max_length", None):
-            return int(meta.max_length)
-    return 20
-
-
 def evaluate_pipeline(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path, str]],
                       model_id: str = "efficientnet_lite0", precision: str = "fp32",
                       detect_weights: str = "none", timeout_s: float = 3600.0) -> dict:
     """Index the gallery through the real topics and functions, then search every query."""
-    import os
     import tempfile
 
     from lookalike.client import Client
@@ -218,46 +209,36 @@ def evaluate_pipeline(gallery: Sequence[tuple[Path, str]], queries: Sequence[tup
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
-        env = {"LOOKALIKE_DATA_DIR": tmp, "EMBED_MODEL": model_id, "EMBED_PRECISION": precision,
-               "DETECT_WEIGHTS": detect_weights, "EMBED_DEVICE": "cpu"}
-        saved = {k: os.environ.get(k) for k in (*env, "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL")}
-        os.environ.update(env)
-        os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)  # a fresh embedded broker and store
-        os.environ.pop("QDRANT_URL", None)
-        try:
-            settings = Settings()
-            with Stack(settings) as stack:
-                client = Client(stack.bootstrap_servers)
-                try:
-                    events = gallery_events(gallery, _max_images())
-                    client.publish(CATALOG_EVENTS, events)
-                    client.wait_indexed(timeout_s)
-                    points = stack.resources.store.count(stack.resources.collection)
-                    index_s = time.monotonic() - t0
-                    # A label split into n products can fill n places of a top-10 list: ask for
-                    # n x 10 products so that 10 distinct labels can be ranked.
-                    splits = max(collections.Counter(e.product_id.split(SPLIT_MARK)[0] for e in events).values())
-                    top_k = min(100, 10 * splits)
-                    rankings = []
-                    for p, _ in queries:
-                        result = client.search(p.read_bytes(), top_k=top_k, timeout_s=120)
-                        best: dict[str, float] = {}
-                        for obj in result.objects:
-                            for prod in obj.products:
-                                # Listings merged into one entry (MERGE_THRESHOLD) share its rank.
-                                for pid in (prod.product_id, *prod.merged_product_ids):
-                                    lab = pid.split(SPLIT_MARK)[0]
-                                    best[lab] = max(best.get(lab, -np.inf), float(prod.score))
-                        rankings.append(sorted(best, key=lambda k: -best[k]))
-                    model = stack.resources.model_id
-                finally:
-                    client.close()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        # A fresh embedded broker and store of its own, whatever the environment points at.
+        settings = Settings(LOOKALIKE_DATA_DIR=tmp, embed_model=model_id, embed_precision=precision,
+                            detect_weights=detect_weights, embed_device="cpu", kafka_bootstrap_servers=None,
+                            qdrant_url=None)
+        with Stack(settings) as stack:
+            client = Client(stack.bootstrap_servers)
+            try:
+                events = gallery_events(gallery, MAX_IMAGES_PER_EVENT)
+                client.publish(CATALOG_EVENTS, events)
+                client.wait_indexed(timeout_s)
+                points = stack.resources.store.count(stack.resources.collection)
+                index_s = time.monotonic() - t0
+                # A label split into n products can fill n places of a top-10 list: ask for
+                # n x 10 products so that 10 distinct labels can be ranked.
+                splits = max(collections.Counter(e.product_id.split(SPLIT_MARK)[0] for e in events).values())
+                top_k = min(100, 10 * splits)
+                rankings = []
+                for p, _ in queries:
+                    result = client.search(p.read_bytes(), top_k=top_k, timeout_s=120)
+                    best: dict[str, float] = {}
+                    for obj in result.objects:
+                        for prod in obj.products:
+                            # Listings merged into one entry (MERGE_THRESHOLD) share its rank.
+                            for pid in (prod.product_id, *prod.merged_product_ids):
+                                lab = pid.split(SPLIT_MARK)[0]
+                                best[lab] = max(best.get(lab, -np.inf), float(prod.score))
+                    rankings.append(sorted(best, key=lambda k: -best[k]))
+                model = stack.resources.model_id
+            finally:
+                client.close()
     result = ranking_metrics(rankings, [lab for _, lab in queries])
     result.update(model=model, mode="pipeline", precision=precision, detect=detect_weights,
                   gallery=len(gallery), products=len({lab for _, lab in gallery}), points=points,

@@ -17,7 +17,7 @@ def cmd_eval(args, settings) -> None:
     if args.model is None and settings.embed_model == "auto":
         from lookalike.shared.embedders import resolve_model_id
 
-        model = resolve_model_id("auto")
+        model = resolve_model_id("auto", **settings.embedder_options())
     result = evaluate(args.gallery, args.queries, model, args.mode, args.precision, args.detect)
     print(format_result(result), flush=True)
     if args.json:

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     embed_precision: str = "fp32"  # fp32 or bf16
     embed_batch_size: int = 32
     embed_weights: str | None = None  # local weights file for the chosen model
+    allow_download: bool = Field(default=True, validation_alias=AliasChoices("LOOKALIKE_ALLOW_DOWNLOAD",
+                                                                             "allow_download"))
+    # Fine-tuned models found by id (EMBED_MODEL=<id>); default <data dir>/models.
+    models_dir_setting: Path | None = Field(default=None, validation_alias=AliasChoices("LOOKALIKE_MODELS_DIR",
+                                                                                        "models_dir"))
     detect_weights: str = "auto"  # auto, none, an Ultralytics name or a local .pt/.onnx/.tflite
     detect_conf: float = 0.25
     detect_max_objects: int = 4  # searched per photo, most confident first, plus the whole image
@@ -84,6 +89,13 @@ class Settings(BaseSettings):
             "product_labels": split(self.detect_labels) or None,
             "exclude_labels": split(self.detect_exclude) or NOT_PRODUCTS,
         }
+
+    def models_dir(self) -> Path:
+        return self.models_dir_setting or self.data_dir / "models"
+
+    def embedder_options(self) -> dict:
+        """``resolve_model_id``/``load_embedder`` keyword arguments for the embedder settings."""
+        return {"weights_path": self.embed_weights, "models_dir": self.models_dir()}
 
     def collection_name(self, model_id: str) -> str:
         # One collection per embedding model (and distance): vectors of two models never mix.

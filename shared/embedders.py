@@ -5,11 +5,11 @@ output size, its preprocessing and where its weights come from. Weights are
 never fetched silently in a way that can hang: explicit file, local cache, then
 (optionally) one download attempt that fails with a message naming the ways out.
 
-Environment:
-    EMBED_WEIGHTS             path of a weights file (state dict) for the chosen model
-                              (under EMBED_MODEL=auto it is taken as resnet50 weights)
-    LOOKALIKE_ALLOW_DOWNLOAD  "0" forbids downloading torchvision weights
-    TORCH_HOME                where torch keeps its hub cache (``<TORCH_HOME>/hub/checkpoints``)
+Everything configurable comes in as arguments, from the settings (shared/config.py,
+``Settings.embedder_options()``): EMBED_WEIGHTS (a weights file for the chosen model; under
+EMBED_MODEL=auto it is taken as resnet50 weights), LOOKALIKE_ALLOW_DOWNLOAD ("0" forbids
+downloading torchvision weights), LOOKALIKE_MODELS_DIR (where fine-tuned models are found
+by id). TORCH_HOME is torch's own: where it keeps its hub cache (``<TORCH_HOME>/hub/checkpoints``).
 """
 
 from __future__ import annotations
@@ -75,10 +75,6 @@ class Preprocessing:
 # --------------------------------------------------------------------------- specs
 
 
-def _allow_download() -> bool:
-    return os.environ.get("LOOKALIKE_ALLOW_DOWNLOAD", "1") != "0"
-
-
 @dataclass(frozen=True)
 class EmbedderSpec:
     """One registered embedder.
@@ -107,18 +103,16 @@ class EmbedderSpec:
             return None
         return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.weights_url)
 
-    def find_weights(self, weights_path: str | None = None, allow_download: bool | None = None) -> Path:
-        """Path of the weights file: explicit/EMBED_WEIGHTS, packaged, hub cache, then download.
+    def find_weights(self, weights_path: str | None = None, allow_download: bool = True) -> Path:
+        """Path of the weights file: ``weights_path`` (EMBED_WEIGHTS), packaged, hub cache, then download.
 
-        ``allow_download=None`` follows LOOKALIKE_ALLOW_DOWNLOAD. No model is built.
+        No model is built; ``allow_download=False`` (LOOKALIKE_ALLOW_DOWNLOAD=0) never touches the network.
         """
-        explicit = weights_path or os.environ.get("EMBED_WEIGHTS") or None
-        if explicit:
-            path = Path(explicit).expanduser()
+        if weights_path:
+            path = Path(weights_path).expanduser()
             if not path.is_file():
                 raise WeightsUnavailable(
-                    f"weights file for {self.id} not found: {path} (from "
-                    f"{'weights_path' if weights_path else 'EMBED_WEIGHTS'}); "
+                    f"weights file for {self.id} not found: {path} (EMBED_WEIGHTS); "
                     f"point EMBED_WEIGHTS at an existing .pth file or unset it"
                 )
             return path
@@ -132,8 +126,6 @@ class EmbedderSpec:
         if cached is not None and cached.is_file():
             return cached
 
-        if allow_download is None:
-            allow_download = _allow_download()
         if cached is not None and allow_download:
             try:
                 self._download(cached)
@@ -143,10 +135,8 @@ class EmbedderSpec:
 
         if cached is None:
             reason = "not installed"
-        elif _allow_download():
-            reason = f"not in the torch hub cache ({cached}) and this lookup does not download"
         else:
-            reason = f"not in the torch hub cache ({cached}) and LOOKALIKE_ALLOW_DOWNLOAD=0"
+            reason = f"not in the torch hub cache ({cached}) and downloads are off (LOOKALIKE_ALLOW_DOWNLOAD=0)"
         raise WeightsUnavailable(self._missing_message(reason))
 
     def _download(self, target: Path) -> None:
@@ -294,14 +284,6 @@ REGISTRY: dict[str, EmbedderSpec] = {
 # --- fine-tuned models (``lookalike finetune``): a directory holding model.json + model.pt
 
 
-def models_dir() -> Path:
-    """Where fine-tuned models are looked up by id: $LOOKALIKE_MODELS_DIR, else $LOOKALIKE_DATA_DIR/models."""
-    explicit = os.environ.get("LOOKALIKE_MODELS_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("LOOKALIKE_DATA_DIR", "data")).expanduser() / "models"
-
-
 def register_model_dir(directory: str | Path) -> EmbedderSpec:
     """Read a fine-tuned model directory (``model.json`` + weights) and add it to REGISTRY."""
     import json
@@ -335,35 +317,38 @@ def register_model_dir(directory: str | Path) -> EmbedderSpec:
     return spec
 
 
-def _find_finetuned(model_id: str) -> EmbedderSpec | None:
-    """A model directory given as a path, or ``models_dir()/<id>``; registered on the way."""
+def _find_finetuned(model_id: str, models_dir: Path | None) -> EmbedderSpec | None:
+    """A model directory given as a path, or ``models_dir/<id>``; registered on the way."""
     candidates = [Path(model_id).expanduser()] if ("/" in model_id or os.sep in model_id) else []
-    candidates.append(models_dir() / model_id)
+    if models_dir is not None:
+        candidates.append(Path(models_dir) / model_id)
     for directory in candidates:
         if (directory / "model.json").is_file():
             return register_model_dir(directory)
     return None
 
 
-def resolve_model_id(model_id: str) -> str:
+def resolve_model_id(model_id: str, models_dir: Path | None = None, weights_path: str | None = None) -> str:
     """Known id -> itself; "auto" -> resnet50 when its weights are here (no network), else efficientnet_lite0.
 
-    A fine-tuned model resolves from its directory path or from ``models_dir()/<id>`` to its id.
+    A fine-tuned model resolves from its directory path or from ``models_dir/<id>`` to its id.
+    Under "auto" an explicit ``weights_path`` (EMBED_WEIGHTS) means the default model, resnet50.
     """
     if model_id == "auto":
         try:
-            path = REGISTRY["resnet50"].find_weights(allow_download=False)
+            path = REGISTRY["resnet50"].find_weights(weights_path, allow_download=False)
         except WeightsUnavailable as exc:
             log.info("embedder auto -> efficientnet_lite0 (resnet50 weights not available offline: %s)", exc)
             return "efficientnet_lite0"
         log.info("embedder auto -> resnet50 (weights found at %s)", path)
         return "resnet50"
     if model_id not in REGISTRY:
-        spec = _find_finetuned(model_id)
+        spec = _find_finetuned(model_id, models_dir)
         if spec is not None:
             return spec.id
+        where = f" / an id under {models_dir}" if models_dir is not None else ""
         raise ValueError(f"unknown embedder {model_id!r}; known: auto, {', '.join(sorted(REGISTRY))}, "
-                         f"or a fine-tuned model directory (model.json) / an id under {models_dir()}")
+                         f"or a fine-tuned model directory (model.json){where}")
     return model_id
 
 
@@ -406,19 +391,21 @@ def load_embedder(
     precision: str = "fp32",
     weights_path: str | None = None,
     batch_size: int = 32,
+    allow_download: bool = True,
+    models_dir: Path | None = None,
 ) -> TorchEmbedder:
-    """Resolve the model, find its weights (see module docstring) and load it."""
+    """Resolve the model, find its weights (see module docstring) and load it.
+
+    Everything comes in as arguments (``Settings.embedder_options()`` gives the configured ones).
+    """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    if model_id == "auto" and weights_path:
-        # Like EMBED_WEIGHTS under "auto": an explicit file means the default model, resnet50.
-        model_id = "resnet50"
-    spec = REGISTRY[resolve_model_id(model_id)]
-    path = spec.find_weights(weights_path)
+    spec = REGISTRY[resolve_model_id(model_id, models_dir, weights_path)]
+    path = spec.find_weights(weights_path, allow_download)
     model = spec.build(path)
     log.info("embedder %s loaded from %s on %s/%s", spec.id, path, device, precision)
     return TorchEmbedder(spec, model, device, precision, batch_size)

@@ -27,3 +27,13 @@ class SourceUnavailable(TransientError):
     Unlike infrastructure failures this is the record's problem: the runner retries it a
     bounded number of times, pausing only its partition, then dead-letters it with the reason.
     """
+
+
+def describe_errors(errors: list[dict], most: int = 3) -> str:
+    """pydantic's validation errors as one line a person can act on: ``field.path: message; ...``.
+
+    Used wherever bad input is reported: dead-letter reasons and the gateway's 400s.
+    """
+    parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in errors[:most]]
+    more = len(errors) - most
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -154,9 +154,9 @@ def normalize(raw: bytes, max_side: int, max_pixels: int, quality: int = 90) -> 
     return to_jpeg(decoded.image, quality), decoded.image.width, decoded.image.height, decoded.scale
 
 
-def thumbnail(jpeg: bytes, side: int, quality: int = 75) -> bytes:
-    """A small JPEG of a normalised image, for result cards."""
-    img = open_jpeg(jpeg)
+def thumbnail(image: Image.Image | bytes, side: int, quality: int = 75) -> bytes:
+    """A small JPEG of a normalised image (decoded, left as it is, or its JPEG), for result cards."""
+    img = image.copy() if isinstance(image, Image.Image) else open_jpeg(image)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
     return to_jpeg(img, quality)
 

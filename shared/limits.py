@@ -9,7 +9,7 @@ chosen so that the largest valid message still fits:
   most ``IMAGE_MAX_SIDE`` px (under 0.5 MB even for pure noise);
 * a catalogue event carries at most ``MAX_IMAGES_PER_EVENT`` inline images of at
   most ``INLINE_IMAGE_BYTES`` each plus its capped text (``EVENT_TEXT_BYTES``);
-* a normalised image carries one such JPEG, a thumbnail and its product's text.
+* a normalised image carries one such JPEG and its product's text.
 
 Decoding is bounded separately: ``MAX_DECODE_BYTES`` per decode and
 ``MAX_CONCURRENT_DECODES`` at once, so a small compressed file can't take the
@@ -23,7 +23,7 @@ from __future__ import annotations
 # Largest Kafka record: topics are created with max.message.bytes at this value (a real
 # Kafka's default is 1 MB), producers send and consumers fetch up to it.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
-# Room around a message's value: its key (an id), headers (trace ids, a DLQ reason) and the
+# Room around a message's value: its key (an id), headers (a DLQ reason and source) and the
 # record batch framing. A value fits when key + value <= MAX_MESSAGE_BYTES - this.
 RECORD_OVERHEAD_BYTES = 16 * 1024
 

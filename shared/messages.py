@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import base64
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lookalike.shared import limits
 
 SCHEMA_VERSION = 1
-THUMBNAIL_SIDE = 160
+THUMBNAIL_SIDE = 160  # longest side of the JPEG thumbnail embed stores in every point's payload
 
 # Topic names, in pipeline order. ``<topic>.dlq`` holds that topic's poison messages.
 CATALOG_EVENTS = "catalog.events"
@@ -40,13 +40,7 @@ ALL_TOPICS = (
     CATALOG_INDEXED,
 )
 
-# Each function's input topics (its consumer group is lookalike-<function>).
-FUNCTION_INPUTS = {
-    "ingest": (CATALOG_EVENTS, SEARCH_REQUESTS),
-    "detect": (IMAGES_NORMALIZED,),
-    "embed": (IMAGES_DETECTED,),
-    "query": (QUERY_VECTORS, RECOMMEND_REQUESTS),
-}
+# Which function reads which topic, in which consumer group: shared.runtime.CONSUMER_GROUPS.
 
 
 def dlq_topic(topic: str) -> str:
@@ -77,6 +71,18 @@ class Part(BaseModel):
     """Base of every model on the wire: unknown fields and non-finite floats (1e999, NaN) are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _without(data: Any, retired: frozenset[str]) -> Any:
+    """``data`` less the ``retired`` fields: ones the previous release wrote and this one dropped.
+
+    A tolerant reader for one release: a message the previous release left in a topic (or a
+    DLQ, for a later replay) during an upgrade is read, not poison. Remove a field from its
+    model's list once no topic or DLQ can hold such a message; then it is unknown like any other.
+    """
+    if isinstance(data, dict) and not retired.isdisjoint(data):
+        return {k: v for k, v in data.items() if k not in retired}
+    return data
 
 
 class Message(Part):
@@ -146,6 +152,10 @@ class Box(Part):
     def scaled(self, factor: float) -> "Box":
         """The same region in an image resized by ``factor``."""
         return Box(x1=self.x1 * factor, y1=self.y1 * factor, x2=self.x2 * factor, y2=self.y2 * factor)
+
+    def misses(self, width: float, height: float) -> bool:
+        """True when the box has no pixel in common with a ``width`` x ``height`` image."""
+        return self.x1 >= width or self.y1 >= height or self.x2 <= 0 or self.y2 <= 0
 
 
 class SearchFilters(Part):
@@ -263,7 +273,11 @@ class IndexContext(Part):
     product: ProductInfo
     image_index: int = Field(ge=0)
     image_url: Url | None = None
-    thumbnail: str | None = None  # base64 JPEG, longest side THUMBNAIL_SIDE: result pages show it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        return _without(data, frozenset({"thumbnail"}))  # embed makes the thumbnail now
 
 
 class QueryContext(Part):
@@ -300,9 +314,6 @@ class NormalizedImage(Message):
         if not v:
             raise ValueError("empty image")
         return v
-
-    def trace_id(self) -> str:
-        return self.index.event_id if self.index else self.query.request_id  # type: ignore[union-attr]
 
     def key(self) -> str:
         return self.index.product.product_id if self.index else self.query.request_id  # type: ignore[union-attr]
@@ -380,9 +391,12 @@ class QueryVectors(Message):
     model: str
     top_k: int
     filters: SearchFilters
-    width: int
-    height: int
     objects: list[QueryObject] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        return _without(data, frozenset({"width", "height"}))  # nobody read them
 
     def key(self) -> str:
         return self.request_id

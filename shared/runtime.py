@@ -47,7 +47,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import TypeAdapter, ValidationError
 
 from lookalike.shared.bus import make_consumer, make_producer
-from lookalike.shared.errors import PoisonMessage, SourceUnavailable, TransientError
+from lookalike.shared.errors import PoisonMessage, SourceUnavailable, TransientError, describe_errors
 from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
@@ -76,6 +76,15 @@ CONSUMER_GROUPS: dict[str, tuple[str, ...]] = {
 
 def consumer_group(function: str, lane: str = "") -> str:
     return f"lookalike-{function}" + (f"-{lane}" if lane else "")
+
+
+def lag_per_function(group_lags: dict[str, int]) -> dict[str, int]:
+    """Lag per function, its lanes' groups added up (``{"lookalike-ingest-search": 2, ...}`` -> ``{"ingest": 2}``)."""
+    out: dict[str, int] = {}
+    for group, lag in group_lags.items():
+        function = group.removeprefix("lookalike-").split("-")[0]
+        out[function] = out.get(function, 0) + lag
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ class Route:
             return self.adapter.validate_json(raw)
         except ValidationError as e:
             kind = "bad JSON" if any(err["type"] == "json_invalid" for err in e.errors()) else "schema violation"
-            raise PoisonMessage(f"{kind}: {_short(e)}") from None
+            raise PoisonMessage(f"{kind}: {describe_errors(e.errors())}"[:2000]) from None
 
 
 class Function:
@@ -295,8 +304,7 @@ class Runner:
                 if oversized is None:
                     for topic, key, value in sends:
                         counters[f"emitted:{topic}"] += 1
-                        futures.append((record, producer.send(topic, key=key, value=value,
-                                                              headers=_trace_headers(record))))
+                        futures.append((record, producer.send(topic, key=key, value=value)))
                     continue
                 outcome = PoisonMessage(f"output to {oversized[0]} would be {oversized[1]} bytes, over the "
                                         f"{MAX_MESSAGE_BYTES}-byte message limit")
@@ -404,11 +412,6 @@ def _check_topic_ids(consumer, topics, seen: dict[str, Any]) -> dict[str, Any]:
     return {t: now[t] or seen.get(t) for t in topics}
 
 
-def _short(e: ValidationError) -> str:
-    parts = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()[:3]]
-    return "; ".join(parts)[:500]
-
-
 def _first_offsets(records: Sequence) -> dict[TopicPartition, int]:
     first: dict[TopicPartition, int] = {}
     for r in records:
@@ -423,10 +426,6 @@ def _last_offsets(records: Sequence) -> dict[TopicPartition, int]:
         tp = TopicPartition(r.topic, r.partition)
         last[tp] = max(last.get(tp, r.offset), r.offset)
     return last
-
-
-def _trace_headers(record) -> list[tuple[str, bytes]]:
-    return [(k, v) for k, v in (record.headers or []) if k == "trace_id"]
 
 
 def _dlq_headers(record, error: PoisonMessage, function: str) -> list[tuple[str, bytes]]:

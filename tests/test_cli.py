@@ -126,6 +126,6 @@ def test_one_function_runs_alone_and_stops_on_sigterm(tmp_path):
 
 
 def test_function_alone_without_a_broker_says_what_to_set(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lookalike.functions", "detect"], env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "lookalike.functions", "detect"], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "KAFKA_BOOTSTRAP_SERVERS" in proc.stderr

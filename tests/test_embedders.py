@@ -27,10 +27,8 @@ EXPECTED = {
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """Empty torch hub cache, downloads forbidden, no EMBED_WEIGHTS: nothing can reach the network."""
+    """An empty torch hub cache; the tests below pass allow_download=False or stub the download."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("LOOKALIKE_ALLOW_DOWNLOAD", "0")
-    monkeypatch.delenv("EMBED_WEIGHTS", raising=False)
     return tmp_path
 
 
@@ -116,15 +114,13 @@ def test_lite0_bf16_close_to_fp32(lite0):
 
 def test_resnet50_offline_without_weights_names_the_ways_out(offline):
     with pytest.raises(WeightsUnavailable) as info:
-        load_embedder("resnet50", device="cpu")
+        load_embedder("resnet50", device="cpu", allow_download=False)
     msg = str(info.value)
     assert "EMBED_WEIGHTS" in msg and "efficientnet_lite0" in msg
     assert str(offline / "torch_home" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg
 
 
 def test_failed_download_names_the_ways_out(offline, monkeypatch):
-    monkeypatch.setenv("LOOKALIKE_ALLOW_DOWNLOAD", "1")
-
     def no_network(*args, **kwargs):  # stands in for torch.hub's download: never touches the network
         raise urllib.error.URLError("network unreachable")
 

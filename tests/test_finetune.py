@@ -76,8 +76,10 @@ def test_finetuned_model_loads_by_path_and_by_id(tiny_model, monkeypatch):
     models = tiny_model["out"] / "models"
     models.mkdir(exist_ok=True)
     (models / "ft-test").symlink_to(tiny_model["dir"], target_is_directory=True)
-    monkeypatch.setenv("LOOKALIKE_MODELS_DIR", str(models))
-    assert resolve_model_id("ft-test") == "ft-test"
+    from lookalike.shared.config import Settings
+
+    monkeypatch.setenv("LOOKALIKE_MODELS_DIR", str(models))  # the setting, read by Settings
+    assert resolve_model_id("ft-test", **Settings().embedder_options()) == "ft-test"
     assert REGISTRY["ft-test"].dim == 32
 
 

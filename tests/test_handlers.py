@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 from types import SimpleNamespace
 
@@ -23,22 +24,28 @@ from lookalike.functions.query.handler import Query
 from lookalike.shared.config import Settings
 from lookalike.shared.detector import WholeImageDetector
 from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.images import thumbnail
 from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     QUERY_VECTORS,
     SEARCH_RESULTS,
+    THUMBNAIL_SIDE,
     Box,
     CatalogDelete,
     CatalogUpsert,
     DetectedImage,
+    DetectedMessage,
     DetectedObject,
     ImageRef,
+    NormalizedMessage,
     Offer,
+    QueryVectors,
     RecommendRequest,
     SearchRequest,
     point_id,
 )
+from lookalike.shared.runtime import Route
 from lookalike.shared.stores import CollectionSpec, EdgeStore
 
 COLLECTION = "test__colour"
@@ -141,9 +148,8 @@ def test_ingest_normalises_to_capped_rgb_jpeg(pipeline):
     out = Image.open(io.BytesIO(emit.message.jpeg_bytes()))
     assert out.format == "JPEG" and out.mode == "RGB" and out.size == (640, 320)
     assert emit.message.key() == "png" and emit.message.index.event_id == event.event_id
-    # AND it carries a small thumbnail for result pages
-    thumb = Image.open(io.BytesIO(base64.b64decode(emit.message.index.thumbnail)))
-    assert thumb.format == "JPEG" and max(thumb.size) == 160
+    # AND it carries no thumbnail: embed makes it from the image it stores (see the embed tests)
+    assert "thumbnail" not in json.loads(emit.message.to_bytes())["index"]
     # AND a sync closes the event, on the same topic and key, naming the images to keep
     assert sync.topic == IMAGES_NORMALIZED and sync.message.key() == "png"
     assert sync.message.keep_image_ids == [emit.message.image_id]
@@ -293,7 +299,8 @@ def test_embed_redelivery_overwrites_instead_of_duplicating(pipeline, store):
     pipeline.embed.on_batch([detected.message])  # the same message delivered twice
     assert store.count(COLLECTION) == 1
     (payload,) = store.product_payloads(COLLECTION, "p1")
-    assert payload["thumbnail"] == normalized.message.index.thumbnail and payload["image_id"]
+    # the thumbnail of the normalised image, byte for byte what ingest used to carry to embed
+    assert payload["thumbnail"] == legacy_thumbnail(normalized.message) and payload["image_id"]
     expected = point_id("p1", normalized.message.image_id, 0)
     assert store.search(COLLECTION, store.product_vectors(COLLECTION, ["p1"])["p1"][0], 1)[0].id == expected
 
@@ -311,6 +318,74 @@ def test_embed_batches_both_intents_and_isolates_a_corrupt_message(pipeline, sto
     (emit,) = outcomes[1]
     assert emit.topic == QUERY_VECTORS and len(emit.message.objects[0].vector) == DIM
     assert isinstance(outcomes[2], PoisonMessage)
+
+
+def legacy_thumbnail(normalized) -> str:
+    """The thumbnail the previous release's ingest carried in ``index.thumbnail`` (base64 JPEG)."""
+    return base64.b64encode(thumbnail(normalized.jpeg_bytes(), THUMBNAIL_SIDE)).decode()
+
+
+def with_fields(message, path: tuple[str, ...] = (), **fields) -> bytes:
+    """``message`` as JSON with ``fields`` added (inside ``path``): what an older release wrote."""
+    doc = json.loads(message.to_bytes())
+    part = doc
+    for key in path:
+        part = part[key]
+    part.update(fields)
+    return json.dumps(doc).encode()
+
+
+def test_embed_makes_one_thumbnail_per_image_for_all_its_points(pipeline, store, monkeypatch):
+    # GIVEN an index image on its way to embed (three objects: two detected plus the whole image),
+    # and a count of the thumbnails embed makes
+    pipeline.detect.detector = TwoBoxDetector()
+    normalized, _ = pipeline.ingest.on_catalog_event(upsert(colors=[(30, 200, 30)]))
+    (detected,) = pipeline.detect.on_image(normalized.message)
+    assert len(detected.message.objects) == 3
+    assert "thumbnail" not in json.loads(detected.message.to_bytes())["index"]
+    import lookalike.functions.embed.handler as embed_module
+
+    made = []
+    monkeypatch.setattr(embed_module, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k))
+    # WHEN embed stores it
+    pipeline.embed.on_batch([detected.message])
+    # THEN every point of the image has the same 160 px JPEG thumbnail, made once
+    payloads = store.product_payloads(COLLECTION, "p1")
+    assert len(payloads) == 3 and len(made) == 1
+    assert len({p["thumbnail"] for p in payloads}) == 1
+    thumb = Image.open(io.BytesIO(base64.b64decode(payloads[0]["thumbnail"], validate=True)))
+    assert thumb.format == "JPEG" and thumb.size == (THUMBNAIL_SIDE, THUMBNAIL_SIDE * 3 // 4)
+    # AND a query image gets none (nothing stores it)
+    (query,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo())))
+    pipeline.embed.on_batch([pipeline.detect.on_image(query.message)[0].message])
+    assert len(made) == 1
+
+
+def test_messages_of_the_previous_release_still_parse_and_the_new_ones_are_smaller(pipeline):
+    normalized_route = Route(IMAGES_NORMALIZED, NormalizedMessage, lambda m: [])
+    detected_route = Route(IMAGES_DETECTED, DetectedMessage, lambda m: [])
+    vectors_route = Route(QUERY_VECTORS, QueryVectors, lambda m: [])
+    # GIVEN the messages this release writes for a catalogue photo and a search
+    normalized, _ = pipeline.ingest.on_catalog_event(upsert())
+    (detected,) = pipeline.detect.on_image(normalized.message)
+    (query,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo())))
+    ((vectors,),) = pipeline.embed.on_batch([pipeline.detect.on_image(query.message)[0].message])
+    assert not {"width", "height"} & json.loads(vectors.message.to_bytes()).keys()
+    # AND the same messages as the previous release wrote them (a thumbnail inline; the photo's size)
+    thumb = legacy_thumbnail(normalized.message)
+    old_normalized = with_fields(normalized.message, ("index",), thumbnail=thumb)
+    old_detected = with_fields(detected.message, ("index",), thumbnail=thumb)
+    old_vectors = with_fields(vectors.message, width=640, height=480)
+    # THEN an old message still in a topic during an upgrade reads as the new one, not as poison
+    assert normalized_route.parse(old_normalized) == normalized.message
+    assert detected_route.parse(old_detected) == detected.message
+    assert vectors_route.parse(old_vectors) == vectors.message
+    # AND a normalised image is smaller by the whole thumbnail, kilobytes of base64
+    saved = len(old_normalized) - len(normalized.message.to_bytes())
+    assert saved >= len(thumb) > 1000
+    # AND other unknown fields are still poison
+    with pytest.raises(PoisonMessage, match="thumb"):
+        normalized_route.parse(with_fields(normalized.message, ("index",), thumb=thumb))
 
 
 # ----------------------------------------------------------------------------- query

@@ -31,7 +31,7 @@ from lookalike.functions.ingest.handler import Ingest
 from lookalike.shared import limits
 from lookalike.shared.detector import WholeImageDetector
 from lookalike.shared.errors import PoisonMessage
-from lookalike.shared.images import MAX_DECODE_BYTES, ImageTooLarge, decode_bytes, normalize, thumbnail
+from lookalike.shared.images import MAX_DECODE_BYTES, ImageTooLarge, decode_bytes, normalize
 from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
@@ -185,8 +185,7 @@ def test_the_largest_valid_messages_fit_one_message():
     normalized = NormalizedImage(
         intent="index", image_id="i" * 32, jpeg=base64.b64encode(photo).decode(), width=w, height=h,
         index=IndexContext(event_id=event.event_id, product=ProductInfo(**text), image_index=0,
-                           image_url="u" * limits.MAX_URL_CHARS,
-                           thumbnail=base64.b64encode(thumbnail(photo, 160)).decode()))
+                           image_url="u" * limits.MAX_URL_CHARS))
     assert fits_message(normalized.key().encode(), normalized.to_bytes())
     # AND a search with that photo and full filters
     filters = SearchFilters(categories=["c" * limits.MAX_NAME_CHARS] * limits.MAX_LIST_ITEMS,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from lookalike.client import read_catalog
-from lookalike.shared.messages import CATALOG_EVENTS, CatalogDelete, CatalogUpsert, ImageRef, Offer
+from lookalike.shared.messages import CATALOG_EVENTS, THUMBNAIL_SIDE, CatalogDelete, CatalogUpsert, ImageRef, Offer
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +32,17 @@ def test_catalogue_events_index_every_photo(stack, indexed):
     # THEN every photo of every product is a point (whole-image object, detection off)
     photos = sum(len(e.images) for e in indexed)
     assert stack.resources.store.count(stack.resources.collection) == photos
+
+
+def test_every_indexed_photo_has_a_thumbnail_made_by_embed(stack, indexed):
+    # THEN every point carries its photo's thumbnail, a JPEG of THUMBNAIL_SIDE px (no topic carried it)
+    store, collection = stack.resources.store, stack.resources.collection
+    for event in indexed[:3]:
+        payloads = store.product_payloads(collection, event.product_id)
+        assert len(payloads) == len(event.images)
+        for payload in payloads:
+            thumb = Image.open(io.BytesIO(base64.b64decode(payload["thumbnail"], validate=True)))
+            assert thumb.format == "JPEG" and max(thumb.size) == THUMBNAIL_SIDE
 
 
 def test_new_photo_of_indexed_product_ranks_it_first(client, indexed, sample_catalog):
@@ -91,6 +102,11 @@ def test_delete_removes_every_point_of_the_product(stack, client, indexed):
     assert store.product_image_ids(collection, victim) == set()
 
 
+def publish_raw(client, topic: str, key: bytes, value: bytes) -> None:
+    """Send bytes that are no message at all (the client only publishes messages)."""
+    client.producer.send(topic, key=key, value=value).get(timeout=30)
+
+
 def _jpeg(color) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), color).save(buf, "JPEG")
@@ -99,7 +115,7 @@ def _jpeg(color) -> str:
 
 def test_poison_messages_go_to_the_dlq_and_the_pipeline_keeps_going(stack, client):
     # GIVEN a non-JSON message, an event whose image is corrupt, then a good event
-    client.publish_raw(CATALOG_EVENTS, b"poison-json", b"{this is not json")
+    publish_raw(client, CATALOG_EVENTS, b"poison-json", b"{this is not json")
     not_a_jpeg = ImageRef(data=base64.b64encode(b"\xff\xd8 not a jpeg").decode())
     corrupt = CatalogUpsert(product_id="poison-image", images=[not_a_jpeg])
     good = CatalogUpsert(product_id="after-poison", title="Plain red card", images=[ImageRef(data=_jpeg("red"))],

@@ -2,18 +2,22 @@
 
 images.detected -> vector store upsert (intent index) or query.vectors (intent query).
 Crops from every message of the polled batch go through the CNN together, so
-catalogue indexing and shopper queries share the batching.
+catalogue indexing and shopper queries share the batching. The thumbnail a result
+card shows is made here, from the image being stored, once per image.
 """
 
 from __future__ import annotations
 
+import base64
+
 from lookalike.shared.embedding import Embedder
 from lookalike.shared.errors import PoisonMessage
-from lookalike.shared.images import crop, open_jpeg
+from lookalike.shared.images import crop, open_jpeg, thumbnail
 from lookalike.shared.messages import (
     CATALOG_INDEXED,
     IMAGES_DETECTED,
     QUERY_VECTORS,
+    THUMBNAIL_SIDE,
     CatalogIndexed,
     DetectedImage,
     DetectedMessage,
@@ -41,6 +45,7 @@ class Embed(Function):
     def on_batch(self, messages: list[DetectedImage | ProductSync]) -> list[Outcome]:
         outcomes: list[Outcome] = [[] for _ in messages]
         crops, owners = [], []
+        thumbnails: dict[int, str] = {}  # base64 JPEG per index image, for its points' payload
         for i, msg in enumerate(messages):
             if isinstance(msg, ProductSync):
                 continue
@@ -49,6 +54,8 @@ class Embed(Function):
             except Exception as e:
                 outcomes[i] = PoisonMessage(f"detected image cannot be decoded: {e}")
                 continue
+            if msg.intent == "index":
+                thumbnails[i] = base64.b64encode(thumbnail(image, THUMBNAIL_SIDE)).decode()
             for obj in msg.objects:
                 crops.append(crop(image, obj.box))
                 owners.append(i)
@@ -69,7 +76,7 @@ class Embed(Function):
                 self._flush(pending)
                 outcomes[i] = [Emit(CATALOG_INDEXED, self._sync(msg))]
             elif i in per_message and msg.intent == "index":
-                pending.extend(self._points(msg, per_message[i]))
+                pending.extend(self._points(msg, per_message[i], thumbnails[i]))
             elif i in per_message:
                 outcomes[i] = [Emit(QUERY_VECTORS, self._query(msg, per_message[i]))]
         self._flush(pending)
@@ -99,7 +106,7 @@ class Embed(Function):
                               outcome="incomplete" if missing else msg.outcome, new_images=msg.new_images,
                               images=len(present), missing_images=missing)
 
-    def _points(self, msg: DetectedImage, vectors) -> list[PointRecord]:
+    def _points(self, msg: DetectedImage, vectors, thumb: str) -> list[PointRecord]:
         ctx = msg.index
         base = ctx.product.payload()
         return [
@@ -111,7 +118,7 @@ class Embed(Function):
                     "image_id": msg.image_id,
                     "image_index": ctx.image_index,
                     "image_url": ctx.image_url,
-                    "thumbnail": ctx.thumbnail,
+                    "thumbnail": thumb,
                     "object_index": k,
                     "box": obj.box.as_list(),
                     "label": obj.label,
@@ -129,8 +136,6 @@ class Embed(Function):
             model=self.embedder.spec.id,
             top_k=ctx.top_k,
             filters=ctx.filters,
-            width=msg.width,
-            height=msg.height,
             objects=[
                 QueryObject(box=obj.box, label=obj.label, score=obj.score, vector=[float(x) for x in vector])
                 for obj, vector in zip(msg.objects, vectors)

@@ -16,13 +16,11 @@ import base64
 
 from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage
-from lookalike.shared.images import image_id, load_source, normalize, thumbnail
+from lookalike.shared.images import image_id, load_source, normalize
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
     SEARCH_REQUESTS,
-    THUMBNAIL_SIDE,
-    Box,
     CatalogDelete,
     CatalogEvent,
     CatalogUpsert,
@@ -93,8 +91,7 @@ class Ingest(Function):
         emits = [
             Emit(IMAGES_NORMALIZED, NormalizedImage(
                 intent="index", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h,
-                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url,
-                                   thumbnail=base64.b64encode(thumbnail(jpeg, THUMBNAIL_SIDE)).decode()),
+                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url),
             ))
             for iid, (index, jpeg, w, h, url) in new.items()
         ]
@@ -106,8 +103,8 @@ class Ingest(Function):
         iid, jpeg, w, h, scale = self._normalize(request.image)
         box = None
         if request.box is not None:  # given in pixels of the uploaded photo
-            box = Box(**{k: v * scale for k, v in request.box.model_dump().items()})
-            if box.x1 >= w or box.y1 >= h or box.x2 <= 0 or box.y2 <= 0:
+            box = request.box.scaled(scale)
+            if box.misses(w, h):
                 raise PoisonMessage(f"box {request.box.as_list()} lies outside the photo")
         return [Emit(IMAGES_NORMALIZED, NormalizedImage(
             intent="query", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h, box=box,
