@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     # Models.
     embed_model: str = "auto"  # registry id, or auto (resnet50 when its weights load, else efficientnet_lite0)
     embed_device: str = "auto"  # auto, cpu, cuda
-    embed_precision: str = "fp32"  # fp32 or bf16
+    embed_precision: str = "auto"  # auto (bf16 where the device runs it natively, else fp32), fp32 or bf16
     embed_batch_size: int = 32
     embed_weights: str | None = None  # local weights file for the chosen model
     allow_download: bool = Field(default=True, validation_alias=AliasChoices("LOOKALIKE_ALLOW_DOWNLOAD",

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,33 +356,64 @@ def resolve_model_id(model_id: str, models_dir: Path | None = None, weights_path
 # --------------------------------------------------------------------------- embedder
 
 
+def bf16_supported(device: str) -> bool:
+    """Whether bf16 runs natively on ``device``: CUDA (Ampere and later), or a CPU with AVX512-BF16 or AMX.
+
+    oneDNN also runs bf16 on plain AVX-512 by emulation, but there it is slower than fp32
+    (ResNet-50: 4.9 vs 12.1 img/s, bench/embed.py, docs/benchmarks.md), so it doesn't count.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: don't guess
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class TorchEmbedder:
-    """A loaded feature extractor (a ``shared.embedding.Embedder``): PIL images in, L2-normalised rows out."""
+    """A loaded feature extractor (a ``shared.embedding.Embedder``): PIL images in, L2-normalised rows out.
+
+    Speed (bench/embed.py): the network runs channels-last (what oneDNN's CPU convolutions
+    and cuDNN's tensor cores want) under ``inference_mode``, in bf16 autocast when asked;
+    one worker thread preprocesses the next batch while the model runs this one (PIL's
+    resize releases the GIL), so preprocessing stays off the model's critical path.
+    """
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str, batch_size: int = 32):
         self.spec = spec
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
-        self.model = model.eval().to(device)
+        self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         self._transform = spec.preprocessing.transform()
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-prep-{spec.id}")
 
     @property
     def dim(self) -> int:
         return self.spec.dim
 
+    def _tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        x = torch.stack([self._transform(im) for im in images])
+        return x.pin_memory() if self.device.startswith("cuda") else x
+
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         out = np.zeros((len(images), self.spec.dim), dtype=np.float32)
         device_type = torch.device(self.device).type
+        starts = range(0, len(images), self.batch_size)
+        chunk = {s: images[s : s + self.batch_size] for s in starts}
+        ahead = self._prep.submit(self._tensor, chunk[0]) if images else None
         with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                chunk = images[start : start + self.batch_size]
-                x = torch.stack([self._transform(im) for im in chunk]).to(self.device)
+            for start in starts:
+                x = ahead.result()
+                following = start + self.batch_size
+                ahead = self._prep.submit(self._tensor, chunk[following]) if following in chunk else None
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                     feats = self.model(x)
                 # Normalise in fp32: bf16 rows would not be unit norm to float32 precision.
                 feats = torch.nn.functional.normalize(feats.float(), dim=1)
-                out[start : start + len(chunk)] = feats.cpu().numpy()
+                out[start : start + len(x)] = feats.cpu().numpy()
         return out
 
 
@@ -397,11 +429,15 @@ def load_embedder(
     """Resolve the model, find its weights (see module docstring) and load it.
 
     Everything comes in as arguments (``Settings.embedder_options()`` gives the configured ones).
+    ``precision="auto"`` is bf16 where the device computes it natively or through oneDNN
+    (chosen by measurement and quality: docs/benchmarks.md), else fp32.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(device) else "fp32"
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     spec = REGISTRY[resolve_model_id(model_id, models_dir, weights_path)]

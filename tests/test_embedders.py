@@ -149,3 +149,13 @@ def test_resolve_model_id(offline, caplog):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="precision"):
         load_embedder("efficientnet_lite0", precision="fp8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypatch, native):
+    # GIVEN a device that does (or does not) run bf16 natively
+    monkeypatch.setattr(embedders, "bf16_supported", lambda device: native)
+    # WHEN the embedder loads with the default precision
+    emb = load_embedder("efficientnet_lite0", device="cpu", precision="auto")
+    # THEN it runs bf16 only there (emulated bf16 is slower than fp32: docs/benchmarks.md)
+    assert emb.precision == ("bf16" if native else "fp32")

@@ -1,0 +1,184 @@
+"""CPU/GPU embedding throughput from JPEG bytes to normalised vectors, with its bounds.
+
+    python bench/embed.py --model efficientnet_lite0 --images 256 [--precision bf16] [--json]
+
+Measured in one run, so the ratios hold on a noisy machine:
+
+- ``naive_img_per_s``: the seed document's way, one image at a time, fp32, PIL preprocessing
+  in the calling thread (decode included);
+- ``batched_img_per_s``: ``TorchEmbedder.embed`` as the embed function calls it (decode in
+  the caller, then batches of ``--batch``, preprocessing overlapped with the model,
+  channels-last, the given precision);
+- ``model_img_per_s``: the network alone on ready tensors (the ceiling of the above);
+- ``peak_fraction``: achieved FLOP/s of the batched path over this machine's measured matmul
+  peak in the same precision (a 2048^3 GEMM, best of 5); FLOPs per image are counted by
+  torch's FlopCounterMode on one forward pass (multiply-adds count 2).
+
+Random weights time the same as pretrained ones, so a model whose weights are not on this
+machine (resnet50 offline) is timed with its architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lookalike.shared.embedders import REGISTRY, TorchEmbedder
+from lookalike.shared.images import open_jpeg
+
+
+def photos(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` 640x480 JPEGs like the pipeline's normalised images (smooth shapes, some texture)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = np.kron(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), np.ones((40, 40, 1), dtype=np.uint8))
+        noisy = np.clip(base.astype(np.int16) + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noisy).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def photo_files(folder: str, n: int) -> list[bytes]:
+    """Up to ``n`` real photos (e.g. ../shared/data/grocery-dev/val), normalised as ingest does."""
+    from pathlib import Path
+
+    from lookalike.shared.images import normalize
+    from lookalike.shared.limits import IMAGE_MAX_SIDE, MAX_IMAGE_PIXELS
+
+    files = sorted(Path(folder).rglob("*.jpg"))[:n]
+    return [normalize(f.read_bytes(), IMAGE_MAX_SIDE, MAX_IMAGE_PIXELS)[0] for f in files]
+
+
+def model_for(model_id: str) -> torch.nn.Module:
+    import tempfile
+
+    spec = REGISTRY[model_id]
+    try:
+        return spec.build(spec.find_weights(allow_download=False))
+    except Exception:  # weights not here: random weights in the same architecture time the same
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/random.pth"
+            torch.save(spec.architecture().state_dict(), path)
+            return spec.build(path)
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        torch.matmul(a, b)
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def flops_per_image(model: torch.nn.Module, crop: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.randn(1, 3, crop, crop))
+    return float(counter.get_total_flops())
+
+
+def timed(fn, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: str | None = None) -> dict:
+    import copy
+
+    spec = REGISTRY[model_id]
+    jpegs = photo_files(folder, n) if folder else photos(n)
+    n = len(jpegs)
+    model = model_for(model_id)
+    naive_model = copy.deepcopy(model).eval().to(device)  # the same weights, left as they are
+    embedder = TorchEmbedder(spec, model, device, precision, batch)
+
+    # The seed document's way: one image at a time, fp32, contiguous layout, preprocessing inline.
+    transform = spec.preprocessing.transform()
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for raw in jpegs:
+                x = transform(open_jpeg(raw)).unsqueeze(0).to(device)
+                torch.nn.functional.normalize(naive_model(x), dim=1)
+
+    def batched() -> None:
+        embedder.embed([open_jpeg(raw) for raw in jpegs])
+
+    ready = torch.stack([transform(open_jpeg(raw)) for raw in jpegs[:batch]]).contiguous(
+        memory_format=torch.channels_last)
+
+    def model_only() -> None:
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                                    enabled=precision == "bf16"):
+            for _ in range(max(1, n // batch)):
+                embedder.model(ready)
+
+    # How far bf16 moves the vectors (the default precision is chosen on this and on Recall@1).
+    images = [open_jpeg(raw) for raw in jpegs]
+    fp32_rows = TorchEmbedder(spec, model, device, "fp32", batch).embed(images)
+    bf16_rows = TorchEmbedder(spec, model, device, "bf16", batch).embed(images)
+    cosines = np.sum(fp32_rows * bf16_rows, axis=1)
+
+    naive_s = timed(naive)
+    batched_s = timed(batched)
+    model_s = timed(model_only)
+    flops = flops_per_image(naive_model, spec.preprocessing.crop)
+    peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, device)
+    batched_rate = n / batched_s
+    return {
+        "device": device, "model": model_id, "precision": precision, "batch": batch, "images": n,
+        "threads": torch.get_num_threads(),
+        "embed.naive_img_per_s": round(n / naive_s, 1),
+        "embed.batched_img_per_s": round(batched_rate, 1),
+        "embed.speedup": round(naive_s / batched_s, 2),
+        "embed.model_img_per_s": round(max(1, n // batch) * batch / model_s, 1),
+        "embed.gflop_per_image": round(flops / 1e9, 2),
+        "embed.matmul_peak_gflops": round(peak / 1e9, 1),
+        "embed.peak_fraction": round(batched_rate * flops / peak, 3),
+        "embed.bf16_cosine_to_fp32_mean": round(float(cosines.mean()), 5),
+        "embed.bf16_cosine_to_fp32_min": round(float(cosines.min()), 5),
+        "photos": folder or "synthetic",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--photos", help="a folder of real photos (default: synthetic 640x480 JPEGs)")
+    parser.add_argument("--json", action="store_true", help="one JSON line only")
+    args = parser.parse_args()
+    result = run(args.model, args.images, args.precision, args.batch, args.device, args.photos)
+    if not args.json:
+        for k, v in result.items():
+            print(f"{k:28s} {v}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
