@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo up test lint clean
+.PHONY: install demo up test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ up: install
 
 test: install
 	$(PY) -m pytest -ra
+
+bench: install
+	$(PY) -m bench --json
 
 clean:
 	rm -rf $(VENV) data test-output .pytest_cache

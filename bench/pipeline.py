@@ -24,6 +24,46 @@ from lookalike.shared.messages import CATALOG_EVENTS
 from lookalike.stack import Stack
 
 
+def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "efficientnet_lite0",
+        precision: str = "fp32", detect: str = "none") -> dict:
+    """Index a generated catalogue through the embedded stack, then time sequential photo searches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=photos)
+        events = read_catalog(sample.catalog_path)
+        settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=model,
+                            embed_precision=precision, detect_weights=detect)
+        with Stack(settings) as stack:
+            client = Client(stack.bootstrap_servers)
+            start = time.monotonic()
+            client.publish(CATALOG_EVENTS, events)
+            client.wait_indexed(poll_s=0.05)
+            index_s = time.monotonic() - start
+            points = stack.resources.store.count(stack.resources.collection)
+
+            latencies, correct = [], 0
+            for i in range(searches):
+                photo, product_id = sample.queries[i % len(sample.queries)]
+                t0 = time.monotonic()
+                result = client.search(photo.read_bytes(), top_k=10)
+                latencies.append((time.monotonic() - t0) * 1000)
+                found = result.objects[-1].products
+                correct += bool(found) and found[0].product_id == product_id
+            client.close()
+
+    latencies.sort()
+    n_photos = sum(len(e.images) for e in events)
+    return {
+        "events": len(events), "photos": n_photos, "points": points,
+        "model": model, "precision": precision, "detect": detect,
+        "index_seconds": round(index_s, 2), "events_per_second": round(len(events) / index_s, 1),
+        "photos_per_second": round(n_photos / index_s, 1),
+        "search_ms_median": round(statistics.median(latencies), 1),
+        "search_ms_p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+        "search_ms_max": round(latencies[-1], 1),
+        "searches": len(latencies), "top1_correct": correct,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--products", type=int, default=100)
@@ -34,40 +74,7 @@ def main() -> None:
     parser.add_argument("--detect", default="none")
     args = parser.parse_args()
     setup_logging("WARNING")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sample = generate(Path(tmp) / "sample", n_products=args.products, photos_per_product=args.photos)
-        events = read_catalog(sample.catalog_path)
-        settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=args.model,
-                            embed_precision=args.precision, detect_weights=args.detect)
-        with Stack(settings) as stack:
-            client = Client(stack.bootstrap_servers)
-            start = time.monotonic()
-            client.publish(CATALOG_EVENTS, events)
-            client.wait_indexed(poll_s=0.05)
-            index_s = time.monotonic() - start
-            points = stack.resources.store.count(stack.resources.collection)
-
-            latencies, correct = [], 0
-            for i in range(args.searches):
-                photo, product_id = sample.queries[i % len(sample.queries)]
-                t0 = time.monotonic()
-                result = client.search(photo.read_bytes(), top_k=10)
-                latencies.append((time.monotonic() - t0) * 1000)
-                products = result.objects[-1].products
-                correct += bool(products) and products[0].product_id == product_id
-            client.close()
-
-    latencies.sort()
-    print(json.dumps({
-        "events": len(events), "photos": sum(len(e.images) for e in events), "points": points,
-        "model": args.model, "precision": args.precision, "detect": args.detect,
-        "index_seconds": round(index_s, 2), "events_per_second": round(len(events) / index_s, 1),
-        "search_ms_median": round(statistics.median(latencies), 1),
-        "search_ms_p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-        "search_ms_max": round(latencies[-1], 1),
-        "searches": len(latencies), "top1_correct": correct,
-    }))
+    print(json.dumps(run(args.products, args.photos, args.searches, args.model, args.precision, args.detect)))
 
 
 if __name__ == "__main__":

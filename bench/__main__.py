@@ -1,0 +1,129 @@
+"""One benchmark run of every stage, ending with one JSON line: ``python -m bench --json`` (``make bench``).
+
+- embed.*: bench/embed.py (naive loop, batched path, model alone, peak fraction, bf16 cosine);
+- detect.ms_per_image: the team's COCO YOLOv8n TFLite on 640 px photos (skipped without ../shared);
+- search.*: grouped product search in a Qdrant Edge store of ``--points`` 1280-d points
+  (synthetic vectors), and the longest pause a 10 ms heartbeat thread saw while those points
+  were written (Qdrant Edge holds the GIL while it works: that pause stalls Kafka heartbeats too);
+- e2e.*: bench/pipeline.py through the embedded stack (Tansu, four functions, Qdrant Edge).
+
+Every ratio is computed within the run. Sized to finish in about 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import embed as embed_bench
+from bench import pipeline as pipeline_bench
+
+TEAM = Path(__file__).resolve().parents[1].parent / "shared"
+DETECTOR = TEAM / "models" / "yolov8n-coco" / "yolov8n_int8.tflite"
+
+
+def detect_ms_per_image(n: int = 20) -> float | None:
+    if not DETECTOR.is_file():
+        return None
+    from lookalike.shared.detector import load_detector
+    from lookalike.shared.images import open_jpeg
+
+    detector = load_detector(str(DETECTOR))
+    images = [open_jpeg(raw) for raw in embed_bench.photos(n)]
+    detector.detect(images[0])
+    t0 = time.perf_counter()
+    for im in images:
+        detector.detect(im)
+    return round((time.perf_counter() - t0) * 1000 / n, 1)
+
+
+def search_at_scale(points: int, dim: int = 1280, queries: int = 50) -> dict:
+    """p50 of a grouped product search, and the longest stall while the points were written."""
+    from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord
+
+    rng = np.random.default_rng(0)
+    stall = {"max": 0.0}
+    done = threading.Event()
+
+    def heartbeat() -> None:  # what a Kafka heartbeat thread experiences
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.01)
+            now = time.perf_counter()
+            stall["max"] = max(stall["max"], now - last - 0.01)
+            last = now
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EdgeStore(Path(tmp))
+        store.ensure_collection(CollectionSpec("bench", dim))
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        t0 = time.perf_counter()
+        for start in range(0, points, 1000):
+            vectors = rng.standard_normal((min(1000, points - start), dim), dtype=np.float32)
+            store.upsert("bench", [PointRecord(id=str(uuid.UUID(int=start + i + 1)), vector=v,
+                                               payload={"product_id": f"p{(start + i) // 4}", "image_id": "x"})
+                                   for i, v in enumerate(vectors)])
+        write_s = time.perf_counter() - t0
+        done.set()
+        beat.join()
+        latencies = []
+        for _ in range(queries):
+            q = rng.standard_normal(dim, dtype=np.float32)
+            t = time.perf_counter()
+            store.search("bench", q, limit=50)  # top_k 10 x SEARCH_OVERSAMPLE 5, collapsed per product
+            latencies.append((time.perf_counter() - t) * 1000)
+        store.close()
+    return {"search.points": points, "search.edge_p50_ms": round(statistics.median(latencies), 2),
+            "search.max_stall_ms": round(stall["max"] * 1000, 1), "search.write_points_per_s": round(points / write_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--images", type=int, default=96, help="photos for the embedding figures")
+    parser.add_argument("--points", type=int, default=20000, help="points for the search figures")
+    parser.add_argument("--products", type=int, default=50, help="catalogue events for the end-to-end figures")
+    parser.add_argument("--json", action="store_true", help="print only the final JSON line")
+    args = parser.parse_args()
+    from lookalike.shared.embedders import bf16_supported
+    from lookalike.shared.logs import setup_logging
+
+    setup_logging("WARNING")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision if args.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
+    out: dict = {"device": device, "model": args.model, "precision": precision}
+    steps = [
+        ("embed", lambda: embed_bench.run(args.model, args.images, precision, 32, device)),
+        ("detect", lambda: {"detect.ms_per_image": detect_ms_per_image()}),
+        ("search", lambda: search_at_scale(args.points)),
+        ("e2e", lambda: pipeline_bench.run(args.products, 2, 20, args.model, precision)),
+    ]
+    for name, step in steps:
+        t0 = time.monotonic()
+        result = step()
+        if name == "e2e":
+            result = {"e2e.index_img_per_s": result["photos_per_second"],
+                      "e2e.search_p50_ms": result["search_ms_median"], "e2e.search_p95_ms": result["search_ms_p95"],
+                      "e2e.photos": result["photos"]}
+        out.update({k: v for k, v in result.items() if k.startswith(f"{name}.")})
+        if not args.json:
+            print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)
+    out["e2e.index_vs_embed"] = round(out["e2e.index_img_per_s"] / out["embed.batched_img_per_s"], 2)
+    out["e2e.rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
