@@ -154,9 +154,9 @@ def normalize(raw: bytes, max_side: int, max_pixels: int, quality: int = 90) -> 
     return to_jpeg(decoded.image, quality), decoded.image.width, decoded.image.height, decoded.scale
 
 
-def thumbnail(image: Image.Image | bytes, side: int, quality: int = 75) -> bytes:
-    """A small JPEG of a normalised image (decoded, left as it is, or its JPEG), for result cards."""
-    img = image.copy() if isinstance(image, Image.Image) else open_jpeg(image)
+def thumbnail(image: Image.Image, side: int, quality: int = 75) -> bytes:
+    """A small JPEG of a decoded image (left as it is), for result cards."""
+    img = image.copy()
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
     return to_jpeg(img, quality)
 

@@ -24,7 +24,7 @@ from lookalike.functions.query.handler import Query
 from lookalike.shared.config import Settings
 from lookalike.shared.detector import WholeImageDetector
 from lookalike.shared.errors import PoisonMessage
-from lookalike.shared.images import thumbnail
+from lookalike.shared.images import open_jpeg, thumbnail
 from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
@@ -322,7 +322,7 @@ def test_embed_batches_both_intents_and_isolates_a_corrupt_message(pipeline, sto
 
 def legacy_thumbnail(normalized) -> str:
     """The thumbnail the previous release's ingest carried in ``index.thumbnail`` (base64 JPEG)."""
-    return base64.b64encode(thumbnail(normalized.jpeg_bytes(), THUMBNAIL_SIDE)).decode()
+    return base64.b64encode(thumbnail(open_jpeg(normalized.jpeg_bytes()), THUMBNAIL_SIDE)).decode()
 
 
 def with_fields(message, path: tuple[str, ...] = (), **fields) -> bytes:
