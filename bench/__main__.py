@@ -117,6 +117,8 @@ def main() -> None:
             result = {"e2e.index_img_per_s": result["photos_per_second"],
                       "e2e.search_p50_ms": result["search_ms_median"], "e2e.search_p95_ms": result["search_ms_p95"],
                       "e2e.photos": result["photos"]}
+        if name == "embed":
+            out["runtime"] = result["runtime"]
         out.update({k: v for k, v in result.items() if k.startswith(f"{name}.")})
         if not args.json:
             print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)

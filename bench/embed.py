@@ -6,10 +6,10 @@ Measured in one run, so the ratios hold on a noisy machine:
 
 - ``naive_img_per_s``: the seed document's way, one image at a time, fp32, PIL preprocessing
   in the calling thread (decode included);
-- ``batched_img_per_s``: ``TorchEmbedder.embed`` as the embed function calls it (decode in
-  the caller, then batches of ``--batch``, preprocessing overlapped with the model,
-  channels-last, the given precision);
-- ``model_img_per_s``: the network alone on ready tensors (the ceiling of the above);
+- ``batched_img_per_s``: ``embed()`` of the embedder ``load_embedder`` picks (``--runtime``:
+  ONNX Runtime for fp32 on the CPU, PyTorch otherwise), as the embed function calls it: decode
+  in the caller, then batches of ``--batch``, preprocessing overlapped with the model;
+- ``model_img_per_s``: that embedder's network alone on ready uint8 batches (the ceiling of the above);
 - ``peak_fraction``: achieved FLOP/s of the batched path over this machine's measured matmul
   peak in the same precision (a 2048^3 GEMM, best of 5); FLOPs per image are counted by
   torch's FlopCounterMode on one forward pass (multiply-adds count 2).
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lookalike.shared.embedders import REGISTRY, TorchEmbedder
+from lookalike.shared.embedders import REGISTRY, OnnxEmbedder, TorchEmbedder, choose_runtime
 from lookalike.shared.images import open_jpeg
 
 
@@ -104,7 +104,8 @@ def timed(fn, warmup: int = 1) -> float:
     return time.perf_counter() - t0
 
 
-def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: str | None = None) -> dict:
+def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: str | None = None,
+        runtime: str = "auto") -> dict:
     import copy
 
     spec = REGISTRY[model_id]
@@ -112,7 +113,11 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     n = len(jpegs)
     model = model_for(model_id)
     naive_model = copy.deepcopy(model).eval().to(device)  # the same weights, left as they are
-    embedder = TorchEmbedder(spec, model, device, precision, batch)
+    runtime = choose_runtime(runtime, torch.device(device).type, precision)
+    if runtime == "onnx":
+        embedder = OnnxEmbedder(spec, copy.deepcopy(model), batch)
+    else:
+        embedder = TorchEmbedder(spec, copy.deepcopy(model), device, precision, batch)
 
     # The seed document's way: one image at a time, fp32, contiguous layout, preprocessing inline.
     transform = spec.preprocessing.transform()
@@ -126,20 +131,18 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     def batched() -> None:
         embedder.embed([open_jpeg(raw) for raw in jpegs])
 
-    ready = torch.stack([transform(open_jpeg(raw)) for raw in jpegs[:batch]]).contiguous(
-        memory_format=torch.channels_last)
+    ready = np.stack([spec.preprocessing.pixels(open_jpeg(raw)) for raw in jpegs[:batch]])
 
     def model_only() -> None:
-        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                                                    enabled=precision == "bf16"):
-            for _ in range(max(1, n // batch)):
-                embedder.model(ready)
+        for _ in range(max(1, n // batch)):
+            embedder.features(ready)
 
     # How far bf16 moves the vectors (the default precision is chosen on this and on Recall@1).
     images = [open_jpeg(raw) for raw in jpegs]
     fp32_rows = TorchEmbedder(spec, model, device, "fp32", batch).embed(images)
     bf16_rows = TorchEmbedder(spec, model, device, "bf16", batch).embed(images)
     cosines = np.sum(fp32_rows * bf16_rows, axis=1)
+    runtime_cosines = np.sum(fp32_rows * embedder.embed(images), axis=1)  # the chosen runtime against PyTorch
 
     naive_s = timed(naive)
     batched_s = timed(batched)
@@ -148,7 +151,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     batched_rate = n / batched_s
     return {
-        "device": device, "model": model_id, "precision": precision, "batch": batch, "images": n,
+        "device": device, "model": model_id, "precision": precision, "runtime": runtime, "batch": batch, "images": n,
         "threads": torch.get_num_threads(),
         "embed.naive_img_per_s": round(n / naive_s, 1),
         "embed.batched_img_per_s": round(batched_rate, 1),
@@ -159,6 +162,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
         "embed.peak_fraction": round(batched_rate * flops / peak, 3),
         "embed.bf16_cosine_to_fp32_mean": round(float(cosines.mean()), 5),
         "embed.bf16_cosine_to_fp32_min": round(float(cosines.min()), 5),
+        "embed.cosine_to_torch_fp32_min": round(float(runtime_cosines.min()), 5),
         "photos": folder or "synthetic",
     }
 
@@ -170,10 +174,11 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"))
     parser.add_argument("--photos", help="a folder of real photos (default: synthetic 640x480 JPEGs)")
     parser.add_argument("--json", action="store_true", help="one JSON line only")
     args = parser.parse_args()
-    result = run(args.model, args.images, args.precision, args.batch, args.device, args.photos)
+    result = run(args.model, args.images, args.precision, args.batch, args.device, args.photos, args.runtime)
     if not args.json:
         for k, v in result.items():
             print(f"{k:28s} {v}")

@@ -54,8 +54,10 @@ class Resources:
 
             res.embedder = load_embedder(res.model_id, settings.embed_device, settings.embed_precision,
                                          batch_size=settings.embed_batch_size, allow_download=settings.allow_download,
+                                         runtime=settings.embed_runtime, cache_dir=settings.onnx_cache_dir(),
                                          **settings.embedder_options())
-            res.notes.append(f"embedder {res.model_id} on {res.embedder.device} ({res.embedder.precision})")
+            res.notes.append(f"embedder {res.model_id} on {res.embedder.device} "
+                             f"({res.embedder.precision}, {res.embedder.runtime})")
         if "detect" in names:
             from lookalike.shared.detector import load_detector
 

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     embed_device: str = "auto"  # auto, cpu, cuda
     embed_precision: str = "auto"  # auto (bf16 where the device runs it natively, else fp32), fp32 or bf16
     embed_batch_size: int = 32
+    # auto (ONNX Runtime for fp32 on the CPU, PyTorch on CUDA or for bf16), torch or onnx
+    embed_runtime: str = "auto"
     embed_weights: str | None = None  # local weights file for the chosen model
     allow_download: bool = Field(default=True, validation_alias=AliasChoices("LOOKALIKE_ALLOW_DOWNLOAD",
                                                                              "allow_download"))
@@ -92,6 +94,10 @@ class Settings(BaseSettings):
 
     def models_dir(self) -> Path:
         return self.models_dir_setting or self.data_dir / "models"
+
+    def onnx_cache_dir(self) -> Path:
+        """Where exported ONNX graphs of the embedders are kept between starts."""
+        return self.data_dir / "cache" / "onnx"
 
     def embedder_options(self) -> dict:
         """``resolve_model_id``/``load_embedder`` keyword arguments for the embedder settings."""

@@ -159,3 +159,55 @@ def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypat
     emb = load_embedder("efficientnet_lite0", device="cpu", precision="auto")
     # THEN it runs bf16 only there (emulated bf16 is slower than fp32: docs/benchmarks.md)
     assert emb.precision == ("bf16" if native else "fp32")
+
+
+def test_onnx_and_torch_runtimes_give_the_same_vectors(lite0, tmp_path):
+    # GIVEN photos of several shapes and sizes (grey and RGBA included)
+    images = [_picture(i, size=200 + 40 * i) for i in range(5)]
+    images += [images[0].convert("L"), images[1].convert("RGBA"), images[2].crop((0, 0, 300, 120))]
+    # WHEN the CPU default (ONNX Runtime) and PyTorch embed them
+    assert lite0.runtime == "onnx"
+    torch_rows = load_embedder("efficientnet_lite0", device="cpu", runtime="torch").embed(images)
+    onnx_rows = lite0.embed(images)
+    # THEN the vectors agree: the runtime is a speed choice, never a different index
+    assert np.sum(torch_rows * onnx_rows, axis=1).min() > 0.9999
+    assert np.allclose(np.linalg.norm(onnx_rows, axis=1), 1.0, atol=1e-5)
+
+
+def test_pixels_match_torchvision_resize_then_crop():
+    # GIVEN the training transform (resize the short side, centre crop, normalise)
+    pre = REGISTRY["efficientnet_lite0"].preprocessing
+    for image in (_picture(3, size=400), _picture(4, size=300).crop((0, 0, 300, 170))):
+        reference = pre.transform()(image)
+        # WHEN the inference path resamples the kept region straight to the crop size
+        pixels = torch.from_numpy(np.array(pre.pixels(image))).permute(2, 0, 1).float() / 255
+        mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+        # THEN both see the same picture (within a grey level or two of resampling rounding)
+        assert pixels.shape == reference.shape
+        assert float(((pixels - mean) / std - reference).abs().mean()) < 0.02
+
+
+def test_exported_graph_is_cached_by_weights(tmp_path, monkeypatch):
+    # GIVEN an ONNX cache directory
+    cache = tmp_path / "onnx"
+    first = load_embedder("efficientnet_lite0", device="cpu", cache_dir=cache)
+    graphs = list(cache.glob("*.onnx"))
+    assert len(graphs) == 1 and not list(cache.glob("*.tmp"))
+    # WHEN the embedder loads again
+    exports = []
+    monkeypatch.setattr(embedders.torch.onnx, "export", lambda *a, **k: exports.append(1))
+    second = load_embedder("efficientnet_lite0", device="cpu", cache_dir=cache)
+    # THEN the graph is read back, not exported again, and embeds the same
+    assert exports == []
+    image = [_picture(7)]
+    assert np.allclose(first.embed(image), second.embed(image), atol=1e-6)
+
+
+def test_runtime_choice():
+    assert embedders.choose_runtime("auto", "cpu", "fp32") == "onnx"
+    assert embedders.choose_runtime("auto", "cpu", "bf16") == "torch"
+    assert embedders.choose_runtime("auto", "cuda", "bf16") == "torch"
+    with pytest.raises(ValueError, match="CPU only"):
+        embedders.choose_runtime("onnx", "cuda", "fp32")
+    with pytest.raises(ValueError, match="runtime"):
+        embedders.choose_runtime("tensorrt", "cpu", "fp32")
