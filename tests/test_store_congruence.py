@@ -493,7 +493,7 @@ def test_edge_data_survives_close_and_reopen(tmp_path, rng):
 
 def test_edge_optimize_then_search(tmp_path, rng):
     # GIVEN an edge store whose indexing threshold is low enough for 2000 x 64-d to get HNSW
-    store = EdgeStore(tmp_path, indexing_threshold_kb=1)
+    store = EdgeStore(tmp_path, index_after_points=100, background_index=False)
     store.ensure_collection(CollectionSpec(COLL, DIM))
     points = [point(unit(rng), f"p{i}") for i in range(2000)]
     store.upsert(COLL, points)

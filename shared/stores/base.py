@@ -25,8 +25,7 @@ Distance = Literal["cosine", "euclid"]
 
 # Payload fields indexed in every collection, with their index kind.
 PAYLOAD_INDEXES: dict[str, Literal["keyword", "float", "bool"]] = {
-    "product_id": "keyword",
-    "image_id": "keyword",
+    "product_id": "keyword",  # image_id has none: it is only ever matched within one product
     "category": "keyword",
     "shops": "keyword",
     "min_price": "float",

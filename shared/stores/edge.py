@@ -1,8 +1,21 @@
 """Embedded store: one Qdrant Edge shard per collection, inside this process.
 
-Layout: ``<root>/<collection>/`` is the shard directory; next to Qdrant's own files
-it holds ``lookalike-collection.json`` (our :class:`CollectionSpec`) so that
-``ensure_collection`` can verify dim and distance on reopen.
+Layout: ``<root>/<collection>/`` holds ``lookalike-collection.json`` (our
+:class:`CollectionSpec`, so that ``ensure_collection`` can verify dim and distance on
+reopen), ``CURRENT`` (the name of the generation directory that holds the shard) and that
+directory, ``gen-<n>/``. A collection written before generations existed has its shard
+files in ``<root>/<collection>/`` itself and no ``CURRENT``; its first index build moves it.
+
+Index builds happen outside this process. Qdrant Edge holds the GIL for the whole of
+``optimize()`` (100k 1280-d points: ~100 s with every thread of the process frozen, Kafka
+heartbeats included), so :meth:`EdgeStore.optimize` copies the flushed shard to the next
+generation, lets a child process (``python -m lookalike.shared.stores.edge_build``) build
+the HNSW graph and the int8 quantization there, then loads the result, replays the writes
+made meanwhile, points ``CURRENT`` at it and drops the old generation. Searches go on
+throughout; writes wait only while the copy is taken and while the result is swapped in.
+A background thread starts a build when ``index_after_points`` points are unindexed.
+A crash at any step leaves ``CURRENT`` naming a complete shard; leftovers of an unfinished
+build are removed on the next open.
 
 Only one process may open a shard (its WAL is locked); a second open fails and is
 reported as :class:`StoreUnavailable` (e.g. the old process is still shutting down).
@@ -19,9 +32,14 @@ fsync policy, which the binding does not document.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,13 +68,41 @@ from lookalike.shared.stores.base import (
     to_hits,
 )
 
+log = logging.getLogger("lookalike.stores.edge")
+
 SPEC_FILE = "lookalike-collection.json"
+CURRENT_FILE = "CURRENT"
+_GENERATION = re.compile(r"^gen-(\d+)$")
+# A child build of a million points takes ~20 min on 2 cores; past this it is stuck.
+BUILD_TIMEOUT_S = 3 * 3600.0
+# How long a swap waits for searches still running on the old generation before closing it.
+READERS_DRAIN_S = 5.0
+# Index and search settings, measured at 100k 1280-d points on 2 cores (docs/benchmarks.md):
+# - HNSW m 16 with 64 candidates while building, over int8-quantized vectors: about half
+#   the build time of float vectors; payload_m 0 (no extra links per payload value) halves
+#   it again. Built out of process, so the build time costs cores, not stalls.
+# - Searches take 128 candidates and rescore the best 2x with the float vectors: int8 alone
+#   never rescores, and recall@10 drops from 0.998 to 0.92.
+# - A filter that keeps fewer points than full_scan_threshold KB of vectors (~20k) scans
+#   them exactly, and ACORN walks the graph through filtered-out nodes above that: without
+#   both a 2 % category filter found 1 of 30 results.
+HNSW = {"m": 16, "ef_construct": 64, "full_scan_threshold": 100_000, "payload_m": 0}
+SEARCH_EF = 128
+# Builds merge segments down to this many: each segment is one more graph walk per search.
+SEGMENTS = 2
+RESCORE_OVERSAMPLING = 2.0
+# A flush of many unflushed points holds the GIL (99k points: 2 s); flushing every few
+# thousand points keeps each one short (~0.25 s at 10k).
+FLUSH_AFTER_POINTS = 5000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a collection name is a directory name
 _DISTANCES = {"cosine": qe.Distance.Cosine, "euclid": qe.Distance.Euclid}
+# Payload indexes and float vectors stay on disk (memory-mapped, the page cache keeps them
+# warm): loading a built 100k-point shard then takes ~0.4 s instead of ~1.5 s, time the
+# swap spends holding the GIL. Searches read the int8 copies, which stay in RAM.
 _INDEX_TYPES = {
-    "keyword": qe.PayloadSchemaType.Keyword,
-    "float": qe.PayloadSchemaType.Float,
-    "bool": qe.PayloadSchemaType.Bool,
+    "keyword": lambda: qe.KeywordIndexParams(memory=qe.Memory.Cold),
+    "float": lambda: qe.FloatIndexParams(memory=qe.Memory.Cold),
+    "bool": lambda: qe.BoolIndexParams(memory=qe.Memory.Cold),
 }
 # The binding raises plain ``Exception``; these message prefixes are the caller's fault.
 _CALLER_ERRORS = ("Wrong input", "Bad input", "Bad request", "Vector dimension error", "Not found", "Format error")
@@ -79,29 +125,44 @@ def _engine_errors(what: str) -> Iterator[None]:
 class _Open:
     shard: Any  # qe.EdgeShard
     spec: CollectionSpec
+    path: Path  # the shard's directory (a generation, or the collection itself for old layouts)
+    readers: int = 0  # searches running on this shard; a swap waits for them before closing it
+    journal: list | None = None  # writes since a build copied the shard, replayed onto its result
+    unindexed_after_build: int = 0  # what the last build left unindexed (no build loops on it)
+    unflushed: int = 0  # points written since the last flush (the WAL has them; see FLUSH_AFTER_POINTS)
 
 
 class EdgeStore(VectorStore):
     """Qdrant Edge shards under ``root``, shared by the threads of one process.
 
-    Writes (and opening, optimising, closing) are serialised by one lock; reads take
-    no lock and may run concurrently with each other and with a write.
+    Writes (and opening, swapping, closing) are serialised by one lock; searches take no
+    lock and run concurrently with each other and with a write.
 
-    ``indexing_threshold_kb`` (EdgeOptimizersConfig.indexing_threshold, in KB of
-    vectors) is the segment size from which ``optimize()`` builds an HNSW index;
-    smaller segments stay plain (brute force, fast at catalogue sizes). It keeps
-    each optimisation bounded to segments worth indexing. ``None`` keeps the
-    engine's default.
+    ``index_after_points``: when this many points of a collection (or a tenth of it, if
+    more) are not in an HNSW index, a background thread builds the index out of process
+    (see the module docstring); the same figure sets Qdrant's indexing threshold, so that
+    a build indexes what triggered it. ``background_index=False`` leaves builds to
+    ``optimize()`` calls.
     """
 
     backend = "qdrant-edge"
 
-    def __init__(self, root: Path, indexing_threshold_kb: int | None = 20_000) -> None:
+    def __init__(self, root: Path, index_after_points: int = 2000, background_index: bool = True,
+                 index_check_s: float = 2.0) -> None:
         self.root = Path(root)
-        self._indexing_threshold_kb = indexing_threshold_kb
+        self.index_after_points = index_after_points
         self._shards: dict[str, _Open] = {}
         self._lock = threading.RLock()
+        self._building = threading.Lock()  # one build at a time: they compete for the same cores
+        self._readers = threading.Condition()
         self._closed = False
+        self._stop = threading.Event()
+        self._builder: subprocess.Popen | None = None
+        self._indexer: threading.Thread | None = None
+        if background_index:
+            self._indexer = threading.Thread(target=self._index_loop, args=(index_check_s,), daemon=True,
+                                             name="edge-indexer")
+            self._indexer.start()
 
     # ------------------------------------------------------------------ collections
 
@@ -117,13 +178,17 @@ class EdgeStore(VectorStore):
                 spec.check_matches(existing.dim, existing.distance)
                 self._load(existing)
                 return
-            path = self._path(spec.name)
+            collection = self._path(spec.name)
+            path = collection / "gen-0"
             with _engine_errors(f"create {spec.name}"):
-                path.mkdir(parents=True, exist_ok=True)
+                if collection.exists():  # a create that died before its spec file: start over
+                    shutil.rmtree(collection)
+                path.mkdir(parents=True)
                 shard = qe.EdgeShard.create(str(path), self._config(spec))
                 self._ensure_indexes(shard)
+                _write_atomically(collection / CURRENT_FILE, path.name)
                 self._write_spec(spec)  # last: a spec file means "fully created"
-            self._shards[spec.name] = _Open(shard, spec)
+            self._shards[spec.name] = _Open(shard, spec, path)
 
     def collections(self) -> list[str]:
         if not self.root.is_dir():
@@ -133,9 +198,14 @@ class EdgeStore(VectorStore):
         )
 
     def count(self, collection: str) -> int:
-        shard = self._shard(collection).shard
-        with _engine_errors(f"count {collection}"):
-            return shard.count(qe.CountRequest(exact=True))
+        with self._reading(collection) as opened, _engine_errors(f"count {collection}"):
+            return opened.shard.count(qe.CountRequest(exact=True))
+
+    def unindexed(self, collection: str) -> int:
+        """Points of the collection that searches still scan plainly (not yet in an HNSW index)."""
+        with self._reading(collection) as opened, _engine_errors(f"info {collection}"):
+            info = opened.shard.info()
+        return max(0, info.points_count - info.indexed_vectors_count)
 
     # ------------------------------------------------------------------ writes
 
@@ -144,6 +214,7 @@ class EdgeStore(VectorStore):
         batch = [qe.Point(p.id, as_vector(p.vector, opened.spec.dim), dict(p.payload)) for p in points]
         if batch:
             self._update(collection, qe.UpdateOperation.upsert_points(batch))
+            opened.unflushed += len(batch)
 
     def delete_points(self, collection: str, ids: Sequence[str]) -> None:
         if ids:
@@ -163,17 +234,14 @@ class EdgeStore(VectorStore):
         self._update(collection, qe.UpdateOperation.set_payload_by_filter(flt, dict(payload)))
 
     def optimize(self, collection: str) -> None:
-        """Build the HNSW index now (segments above ``indexing_threshold_kb``).
+        """Build the HNSW index and quantization of everything written so far, out of process.
 
-        Blocks until done and holds the GIL for the whole run: every other thread of
-        the process stalls meanwhile (30k x 512-d took ~12 s). Call it from a quiet
-        moment, not from a request path. Until it runs, searches scan plainly.
+        Blocks the calling thread until the new generation serves searches; the rest of the
+        process keeps running (the build's GIL is the child's). Raises StoreUnavailable if
+        the build fails; the collection then stays as it was.
         """
-        opened = self._shard(collection)
-        with self._lock:
-            self._check_open()
-            with _engine_errors(f"optimize {collection}"):
-                opened.shard.optimize()
+        with self._building:
+            self._build(collection)
 
     # ------------------------------------------------------------------ reads
 
@@ -186,22 +254,31 @@ class EdgeStore(VectorStore):
         exclude_product_ids: Collection[str] = (),
         with_vectors: bool = False,
     ) -> list[Hit]:
-        opened = self._shard(collection)
         conds = search_conditions(filters, exclude_product_ids)
-        request = qe.QueryRequest(
-            limit=limit,
-            query=qe.Query.Nearest(as_vector(vector, opened.spec.dim)),
-            filter=_filter(conds) if conds else None,
-            with_payload=True,
-            with_vector=with_vectors,
-        )
-        with _engine_errors(f"search {collection}"):
-            found = opened.shard.query(request)
+        with self._reading(collection) as opened:
+            request = qe.QueryRequest(
+                limit=limit,
+                query=qe.Query.Nearest(as_vector(vector, opened.spec.dim)),
+                filter=_filter(conds) if conds else None,
+                params=qe.SearchParams(
+                    hnsw_ef=max(SEARCH_EF, limit), acorn=qe.AcornSearchParams(enable=True),
+                    quantization=qe.QuantizationSearchParams(rescore=True, oversampling=RESCORE_OVERSAMPLING)),
+                with_payload=True,
+                with_vector=with_vectors,
+            )
+            with _engine_errors(f"search {collection}"):
+                found = opened.shard.query(request)
         return to_hits(found, with_vectors)
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        self._stop.set()
+        builder = self._builder
+        if builder is not None:  # an index build in flight: its copy is thrown away
+            builder.kill()
+        if self._indexer is not None and self._indexer is not threading.current_thread():
+            self._indexer.join(timeout=30)
         with self._lock:
             if self._closed:
                 return
@@ -218,6 +295,117 @@ class EdgeStore(VectorStore):
             if first_error is not None:
                 raise first_error
 
+    # ------------------------------------------------------------------ index builds
+
+    def _index_loop(self, every_s: float) -> None:
+        """Background builds: a collection with ``index_after_points`` unindexed points gets one."""
+        while not self._stop.wait(every_s):
+            for name in list(self._shards):
+                if self._stop.is_set():
+                    return
+                try:
+                    self._flush_if_due(name)
+                    opened = self._shards.get(name)
+                    waiting = self.unindexed(name)
+                    # Builds grow with the collection (a tenth of it), so that rebuilding merged
+                    # segments stays a bounded share of the work.
+                    enough = max(self.index_after_points, self.count(name) // 10)
+                    if opened is None or waiting < opened.unindexed_after_build + enough:
+                        continue
+                    log.info("indexing %s out of process: %d points unindexed", name, waiting)
+                    self.optimize(name)
+                except Exception as e:  # a failed build leaves the collection as it was; try later
+                    if not self._stop.is_set():
+                        log.warning("background index build of %s failed: %s", name, e)
+
+    def _flush_if_due(self, name: str) -> None:
+        with self._lock:
+            opened = self._shards.get(name)
+            if opened is None or opened.unflushed < FLUSH_AFTER_POINTS or self._closed:
+                return
+            with _engine_errors(f"flush {name}"):
+                opened.shard.flush()
+            opened.unflushed = 0
+
+    def _build(self, name: str) -> None:
+        opened = self._shard(name)
+        collection = self._path(name)
+        target = collection / f"gen-{_generation_number(opened.path) + 1}"
+        built = None
+        # 1. Copy the flushed shard; from here every write is also journaled for the result.
+        with self._lock:
+            self._check_open()
+            with _engine_errors(f"flush {name}"):
+                opened.shard.flush()
+            if target.exists():
+                shutil.rmtree(target)
+            _copy_shard(opened.path, target)
+            opened.journal = []
+        try:
+            # 2. Build in a child process: its GIL, not ours.
+            t0 = time.monotonic()
+            self._run_builder(name, target)
+            # 3. Load the result and replay the writes made meanwhile: most of them while
+            # writes go on (one write at a time holds the GIL), the rest under the lock.
+            t_load = time.monotonic()
+            with _engine_errors(f"load {target}"):
+                built = qe.EdgeShard.load(str(target), self._config(opened.spec))
+            t_load = time.monotonic() - t_load
+            replayed = 0
+            while len(opened.journal) - replayed > 0 and not self._stop.is_set():
+                built.update(opened.journal[replayed])
+                replayed += 1
+            with self._lock:
+                self._check_open()
+                with _engine_errors(f"replay onto {target}"):
+                    for operation in opened.journal[replayed:]:
+                        built.update(operation)
+                    info = built.info()
+                # 4. Switch: CURRENT names the new generation; a crash from here on opens it.
+                _write_atomically(collection / CURRENT_FILE, target.name)
+                self._shards[name] = _Open(built, opened.spec, target,
+                                           unindexed_after_build=info.points_count - info.indexed_vectors_count)
+            log.info("%s: %s serves searches (built in %.1f s, loaded in %.2f s, %d writes replayed; %d of %d "
+                     "points indexed)", name, target.name, time.monotonic() - t0, t_load, len(opened.journal),
+                     info.indexed_vectors_count, info.points_count)
+            t_retire = time.monotonic()
+            self._retire(opened)
+            log.info("%s: %s retired in %.2f s", name, opened.path.name, time.monotonic() - t_retire)
+        finally:
+            opened.journal = None
+            if self._shards.get(name) is opened:  # the build failed: the old generation stays
+                if built is not None:
+                    built.close()
+                shutil.rmtree(target, ignore_errors=True)
+
+    def _run_builder(self, name: str, target: Path) -> None:
+        child = subprocess.Popen([sys.executable, "-m", "lookalike.shared.stores.edge_build", str(target)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._builder = child  # close() stops it
+        try:
+            _, stderr = child.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            child.kill()
+            child.communicate()
+            raise StoreUnavailable(f"qdrant-edge index build of {name} took over {BUILD_TIMEOUT_S:.0f} s") from e
+        finally:
+            self._builder = None
+        if child.returncode != 0:
+            raise StoreUnavailable(f"qdrant-edge index build of {name} failed ({child.returncode}): "
+                                   f"{stderr.strip()[-500:]}")
+
+    def _retire(self, old: _Open) -> None:
+        """Close a replaced shard once its running searches finish, then remove its files."""
+        deadline = time.monotonic() + READERS_DRAIN_S
+        with self._readers:
+            while old.readers and time.monotonic() < deadline:
+                self._readers.wait(timeout=0.05)
+        try:
+            old.shard.close()
+        except Exception as e:  # its replacement holds everything; only files are left behind
+            log.warning("closing the replaced shard %s failed: %s", old.path, e)
+        _remove_shard_files(old.path, self._path(old.spec.name))
+
     # ------------------------------------------------------------------ internals
 
     def _check_open(self) -> None:
@@ -230,13 +418,36 @@ class EdgeStore(VectorStore):
         return self.root / name
 
     def _config(self, spec: CollectionSpec) -> Any:
-        optimizers = None
-        if self._indexing_threshold_kb is not None:
-            optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self._indexing_threshold_kb)
+        # Qdrant indexes a segment from this size on: the size of index_after_points vectors,
+        # so the build that these points trigger indexes them.
+        threshold_kb = max(1, self.index_after_points * spec.dim * 4 // 1024)
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=spec.dim, distance=_DISTANCES[spec.distance]),
-            optimizers=optimizers,
+            vectors=qe.EdgeVectorParams(size=spec.dim, distance=_DISTANCES[spec.distance], memory=qe.Memory.Cold),
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=threshold_kb, default_segment_number=SEGMENTS),
+            hnsw_config=qe.HnswIndexConfig(**HNSW),
+            quantization_config=qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True),
+            max_search_threads=os.cpu_count() or 1,  # segments searched in parallel (one by default here)
         )
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[_Open]:
+        """The collection's shard, kept open (not retired by a swap) while the caller reads."""
+        while True:
+            opened = self._shard(name)
+            with self._readers:
+                opened.readers += 1
+            if self._shards.get(name) is opened:
+                break
+            self._done_reading(opened)  # swapped meanwhile: take the new one
+        try:
+            yield opened
+        finally:
+            self._done_reading(opened)
+
+    def _done_reading(self, opened: _Open) -> None:
+        with self._readers:
+            opened.readers -= 1
+            self._readers.notify_all()
 
     def _shard(self, name: str) -> _Open:
         """The open shard of a collection, loading it from disk on first use."""
@@ -254,11 +465,14 @@ class EdgeStore(VectorStore):
             return self._load(spec)
 
     def _load(self, spec: CollectionSpec) -> _Open:
-        # Passing the config re-checks compatibility and applies our optimizer settings.
+        collection = self._path(spec.name)
+        path = _current_shard(collection)
+        _remove_leftovers(collection, path)
+        # Passing the config re-checks compatibility and applies our index settings.
         with _engine_errors(f"load {spec.name}"):
-            shard = qe.EdgeShard.load(str(self._path(spec.name)), self._config(spec))
+            shard = qe.EdgeShard.load(str(path), self._config(spec))
             self._ensure_indexes(shard)
-        opened = self._shards[spec.name] = _Open(shard, spec)
+        opened = self._shards[spec.name] = _Open(shard, spec, path)
         return opened
 
     @staticmethod
@@ -266,7 +480,7 @@ class EdgeStore(VectorStore):
         present = set(shard.info().payload_schema)
         for field, kind in PAYLOAD_INDEXES.items():
             if field not in present:
-                shard.update(qe.UpdateOperation.create_field_index(field, _INDEX_TYPES[kind]))
+                shard.update(qe.UpdateOperation.create_field_index(field, _INDEX_TYPES[kind]()))
 
     def _read_spec(self, name: str) -> CollectionSpec | None:
         """Our spec file, else what Qdrant's own edge_config.json says; None if neither."""
@@ -277,28 +491,26 @@ class EdgeStore(VectorStore):
         except FileNotFoundError:
             pass
         try:  # created, but we died before writing our spec file
-            vectors = json.loads((path / "edge_config.json").read_text())["vectors"][""]
+            vectors = json.loads((_current_shard(path) / "edge_config.json").read_text())["vectors"][""]
             return CollectionSpec(name=name, dim=int(vectors["size"]), distance=vectors["distance"].lower())
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def _write_spec(self, spec: CollectionSpec) -> None:
-        path = self._path(spec.name) / SPEC_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"dim": spec.dim, "distance": spec.distance}))
-        os.replace(tmp, path)
+        _write_atomically(self._path(spec.name) / SPEC_FILE, json.dumps({"dim": spec.dim, "distance": spec.distance}))
 
     def _update(self, collection: str, operation: Any) -> None:
-        opened = self._shard(collection)
         with self._lock:
             self._check_open()
+            opened = self._shard(collection)
             with _engine_errors(f"write {collection}"):
                 opened.shard.update(operation)
+            if opened.journal is not None:  # a build copied the shard before this write
+                opened.journal.append(operation)
 
     def _scroll(
         self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool
     ) -> Iterator[Any]:
-        shard = self._shard(collection).shard
         flt = _filter(conds)
         offset = None
         while True:
@@ -309,11 +521,68 @@ class EdgeStore(VectorStore):
                 with_payload=True if fields is None else qe.PayloadSelector.Include(fields),
                 with_vector=with_vector,
             )
-            with _engine_errors(f"scroll {collection}"):
-                records, offset = shard.scroll(request)
+            with self._reading(collection) as opened, _engine_errors(f"scroll {collection}"):
+                records, offset = opened.shard.scroll(request)
             yield from records
             if offset is None:
                 return
+
+
+# ---------------------------------------------------------------------- generation files
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _current_shard(collection: Path) -> Path:
+    """The directory holding the collection's shard: ``CURRENT``'s generation, else (old layout) itself."""
+    try:
+        return collection / (collection / CURRENT_FILE).read_text().strip()
+    except FileNotFoundError:
+        return collection
+
+
+def _generation_number(path: Path) -> int:
+    match = _GENERATION.match(path.name)
+    return int(match.group(1)) if match else 0
+
+
+def _is_ours(entry: Path) -> bool:
+    """Files of the collection directory that are not a shard's: our spec, CURRENT, generations."""
+    return entry.name in (SPEC_FILE, CURRENT_FILE) or entry.name.startswith(".") or bool(
+        _GENERATION.match(entry.name))
+
+
+def _copy_shard(source: Path, target: Path) -> None:
+    if source.name.startswith("gen-"):
+        shutil.copytree(source, target)
+        return
+    target.mkdir()  # old layout: the shard's files sit beside ours in the collection directory
+    for entry in source.iterdir():
+        if not _is_ours(entry):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target / entry.name)
+
+
+def _remove_shard_files(path: Path, collection: Path) -> None:
+    if path != collection:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for entry in collection.iterdir():  # old layout: leave our own files and the generations
+        if not _is_ours(entry):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _remove_leftovers(collection: Path, current: Path) -> None:
+    """What a crash can leave: an unfinished build's generation, or a replaced shard's files."""
+    if current == collection:
+        return
+    for entry in collection.iterdir():
+        if _GENERATION.match(entry.name) and entry != current:
+            shutil.rmtree(entry, ignore_errors=True)
+    _remove_shard_files(collection, collection)
 
 
 def _condition(c: MatchAny | MatchValue | Range) -> Any:

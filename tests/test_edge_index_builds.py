@@ -1,0 +1,212 @@
+"""Qdrant Edge index builds out of process: nothing written meanwhile is lost, a failed or
+crashed build leaves the collection as it was, and old layouts keep working.
+
+The HNSW build runs in a child process (``EdgeStore.optimize``) because Qdrant Edge holds
+the GIL while it optimizes; these tests check the copy / build / replay / swap around it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import numpy as np
+import pytest
+import qdrant_edge as qe
+
+from lookalike.shared.errors import StoreUnavailable
+from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord
+from lookalike.shared.stores.edge import CURRENT_FILE, SPEC_FILE
+
+DIM = 32
+COLL = "lookalike__builds"
+
+
+def points(start: int, n: int, seed: int = 0) -> list[PointRecord]:
+    rng = np.random.default_rng(seed + start)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    return [PointRecord(id=str(uuid.UUID(int=start + i + 1)), vector=v / np.linalg.norm(v),
+                        payload={"product_id": f"p{(start + i) // 4}", "image_id": f"img{(start + i) % 4}",
+                                 "title": "t", "price": 1.0, "in_stock": True})
+            for i, v in enumerate(vectors)]
+
+
+def open_store(root, **kw) -> EdgeStore:
+    store = EdgeStore(root, **{"index_after_points": 100, **kw})
+    store.ensure_collection(CollectionSpec(COLL, DIM))
+    return store
+
+
+def all_ids(store: EdgeStore) -> set[str]:
+    return {str(r.id) for r in store._scroll(COLL, store_conditions(), ["product_id"], False)}
+
+
+def store_conditions():
+    from lookalike.shared.stores.base import Conditions
+
+    return Conditions()
+
+
+def test_build_moves_the_collection_to_an_indexed_generation(tmp_path):
+    # GIVEN a collection with 1000 points, none indexed
+    store = open_store(tmp_path, background_index=False)
+    written = points(0, 1000)
+    store.upsert(COLL, written)
+    assert store.unindexed(COLL) == 1000
+    try:
+        # WHEN optimize() builds the index (in a child process)
+        store.optimize(COLL)
+        # THEN the next generation serves, fully indexed, and finds every point
+        assert (tmp_path / COLL / CURRENT_FILE).read_text() == "gen-1"
+        assert not (tmp_path / COLL / "gen-0").exists()
+        assert store.unindexed(COLL) == 0 and store.count(COLL) == 1000
+        for p in written[:20]:
+            assert store.search(COLL, p.vector, limit=1)[0].id == p.id
+    finally:
+        store.close()
+    # AND a reopen finds the same
+    again = EdgeStore(tmp_path, background_index=False)
+    try:
+        assert again.count(COLL) == 1000 and again.unindexed(COLL) == 0
+    finally:
+        again.close()
+
+
+def test_writes_made_during_a_build_are_kept(tmp_path, monkeypatch):
+    # GIVEN a collection, and writes that land while the child builds and before the swap
+    store = open_store(tmp_path, background_index=False)
+    store.upsert(COLL, points(0, 400))
+    during, after = points(400, 100), points(500, 100)
+    real_builder = store._run_builder
+
+    def builder_with_traffic(name, target):
+        store.upsert(COLL, during)
+        store.delete_product(COLL, "p3")  # points 12..15
+        store.set_product_payload(COLL, "p5", {"title": "changed"})
+        real_builder(name, target)
+        store.upsert(COLL, after)
+
+    monkeypatch.setattr(store, "_run_builder", builder_with_traffic)
+    try:
+        # WHEN the build runs
+        store.optimize(COLL)
+        # THEN the new generation holds every write, the deletion and the payload change
+        expected = {p.id for p in points(0, 600)} - {p.id for p in points(12, 4)}
+        assert all_ids(store) == expected
+        assert store.product_payloads(COLL, "p5")[0]["title"] == "changed"
+    finally:
+        store.close()
+    again = EdgeStore(tmp_path, background_index=False)
+    try:
+        assert all_ids(again) == expected
+    finally:
+        again.close()
+
+
+def test_a_failed_build_leaves_the_collection_as_it_was(tmp_path, monkeypatch):
+    # GIVEN a collection whose index build fails in the child
+    store = open_store(tmp_path, background_index=False)
+    store.upsert(COLL, points(0, 300))
+    monkeypatch.setattr("lookalike.shared.stores.edge.sys.executable", "/bin/false")
+    try:
+        # WHEN optimize() runs
+        with pytest.raises(StoreUnavailable, match="index build"):
+            store.optimize(COLL)
+        # THEN the old generation still serves and takes writes, and the half build is gone
+        assert (tmp_path / COLL / CURRENT_FILE).read_text() == "gen-0"
+        assert not (tmp_path / COLL / "gen-1").exists()
+        store.upsert(COLL, points(300, 10))
+        assert store.count(COLL) == 310
+    finally:
+        store.close()
+
+
+CRASH = textwrap.dedent("""
+    import os, sys, uuid
+    import numpy as np
+    from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord
+    from lookalike.shared.stores import edge
+    root, where = sys.argv[1], sys.argv[2]
+    store = EdgeStore(root, index_after_points=100, background_index=False)
+    store.ensure_collection(CollectionSpec("lookalike__builds", 32))
+    rng = np.random.default_rng(0)
+    def write(start, n):
+        store.upsert("lookalike__builds", [PointRecord(id=str(uuid.UUID(int=start + i + 1)),
+                     vector=rng.standard_normal(32), payload={"product_id": "p", "image_id": str(i)})
+                     for i in range(n)])
+    write(0, 300)
+    real_builder, real_retire = store._run_builder, store._retire
+    def builder(name, target):
+        write(300, 50)  # acknowledged during the build
+        real_builder(name, target)
+        if where == "before-swap":
+            os._exit(9)
+    def retire(old):
+        if where == "after-swap":
+            os._exit(9)
+        real_retire(old)
+    store._run_builder, store._retire = builder, retire
+    store.optimize("lookalike__builds")
+""")
+
+
+@pytest.mark.parametrize("where", ["before-swap", "after-swap"])
+def test_a_crash_around_the_swap_loses_nothing(tmp_path, where):
+    # GIVEN a process killed right before (or right after) it switches to the built generation
+    done = subprocess.run([sys.executable, "-c", CRASH, str(tmp_path), where], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 9, done.stderr
+    # WHEN the store opens again
+    store = EdgeStore(tmp_path, background_index=False)
+    try:
+        # THEN every acknowledged point is there, and only the generation CURRENT names is left
+        assert store.count(COLL) == 350
+        current = (tmp_path / COLL / CURRENT_FILE).read_text()
+        assert current == ("gen-0" if where == "before-swap" else "gen-1")
+        assert sorted(p.name for p in (tmp_path / COLL).iterdir() if p.name.startswith("gen-")) == [current]
+    finally:
+        store.close()
+
+
+def test_background_builds_index_a_growing_collection(tmp_path):
+    # GIVEN a store that builds once 200 points are unindexed, checking often
+    store = open_store(tmp_path, index_after_points=200, index_check_s=0.1)
+    try:
+        # WHEN 600 points arrive
+        store.upsert(COLL, points(0, 600))
+        # THEN a background build indexes them (bounded wait) while searches keep answering
+        deadline = time.monotonic() + 120
+        while store.unindexed(COLL) and time.monotonic() < deadline:
+            assert store.search(COLL, points(0, 1)[0].vector, limit=1)
+            time.sleep(0.1)
+        assert store.unindexed(COLL) == 0 and store.count(COLL) == 600
+    finally:
+        store.close()
+
+
+def test_a_collection_in_the_old_layout_opens_and_moves_on_its_first_build(tmp_path):
+    # GIVEN a collection written before generations: the shard's files in the collection directory
+    path = tmp_path / COLL
+    path.mkdir()
+    shard = qe.EdgeShard.create(str(path), qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=DIM,
+                                                                                     distance=qe.Distance.Cosine)))
+    written = points(0, 200)
+    shard.update(qe.UpdateOperation.upsert_points([qe.Point(p.id, list(map(float, p.vector)), p.payload)
+                                                   for p in written]))
+    shard.close()
+    (path / SPEC_FILE).write_text(json.dumps({"dim": DIM, "distance": "cosine"}))
+    store = EdgeStore(tmp_path, background_index=False)
+    try:
+        # WHEN it is searched, then built
+        assert store.search(COLL, written[0].vector, limit=1)[0].id == written[0].id
+        store.optimize(COLL)
+        # THEN it lives in gen-1 and the old files are gone, nothing lost
+        assert (path / CURRENT_FILE).read_text() == "gen-1"
+        assert sorted(p.name for p in path.iterdir()) == [CURRENT_FILE, "gen-1", SPEC_FILE]
+        assert store.count(COLL) == 200
+    finally:
+        store.close()
