@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     topic_partitions: int = 4
     poll_max_records: int = 32
     poll_timeout_ms: int = 200
-    # Longer than the worst stall we allow in the process (Qdrant Edge optimize() holds the GIL),
+    # Longer than the worst stall of the process (Qdrant Edge holds the GIL per call; its index
+    # builds run in a child process, docs/architecture.md),
     # short enough that Tansu's first group join stays quick (see docs/architecture.md).
     session_timeout_ms: int = 10000
     # A record whose handler fails unexpectedly, or whose own source (an image URL) keeps failing,

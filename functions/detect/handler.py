@@ -7,7 +7,7 @@ search request skips detection: that region is the only object.
 
 from __future__ import annotations
 
-from lookalike.shared.detector import Detector, whole_image_object
+from lookalike.shared.detector import Detector, WholeImageDetector, whole_image_object
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import open_jpeg
 from lookalike.shared.messages import (
@@ -39,6 +39,10 @@ class Detect(Function):
         if msg.box is not None:
             objects = [DetectedObject(box=msg.box, label="selection", score=1.0)]
             self.counters["user_boxes"] += 1
+        elif isinstance(self.detector, WholeImageDetector):
+            # Detection is off: the whole image is the object. Nothing to decode here;
+            # embed decodes it (and dead-letters it if it cannot).
+            objects = [whole_image_object(msg.width, msg.height)]
         else:
             try:
                 image = open_jpeg(msg.jpeg_bytes())

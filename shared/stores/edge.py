@@ -91,9 +91,9 @@ SEARCH_EF = 128
 # Builds merge segments down to this many: each segment is one more graph walk per search.
 SEGMENTS = 2
 RESCORE_OVERSAMPLING = 2.0
-# A flush of many unflushed points holds the GIL (99k points: 2 s); flushing every few
-# thousand points keeps each one short (~0.25 s at 10k).
-FLUSH_AFTER_POINTS = 5000
+# A flush of many unflushed points holds the GIL (99k points: 2 s); the writer flushes
+# every few thousand points, so each flush stays short (~0.25 s at 10k).
+FLUSH_AFTER_POINTS = 2000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a collection name is a directory name
 _DISTANCES = {"cosine": qe.Distance.Cosine, "euclid": qe.Distance.Euclid}
 # Payload indexes and float vectors stay on disk (memory-mapped, the page cache keeps them
@@ -215,6 +215,7 @@ class EdgeStore(VectorStore):
         if batch:
             self._update(collection, qe.UpdateOperation.upsert_points(batch))
             opened.unflushed += len(batch)
+            self._flush_if_due(collection)
 
     def delete_points(self, collection: str, ids: Sequence[str]) -> None:
         if ids:
@@ -304,7 +305,6 @@ class EdgeStore(VectorStore):
                 if self._stop.is_set():
                     return
                 try:
-                    self._flush_if_due(name)
                     opened = self._shards.get(name)
                     waiting = self.unindexed(name)
                     # Builds grow with the collection (a tenth of it), so that rebuilding merged
