@@ -494,6 +494,9 @@ class OnnxEmbedder(BatchEmbedder):
         graph = onnx_graph(Normalized(model.eval(), spec.preprocessing).eval(), spec.preprocessing.crop, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: one per core
+        # Its threads would otherwise spin between batches, taking the cores from the other
+        # functions of the process (ingest, detect, the Kafka clients) that share them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
