@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--images", type=int, default=96, help="photos for the embedding figures")
     parser.add_argument("--points", type=int, default=100_000, help="points for the search figures")
-    parser.add_argument("--products", type=int, default=100, help="catalogue events (4 photos each) for the end-to-end figures")
+    parser.add_argument("--products", type=int, default=100,
+                        help="catalogue events (4 photos each) for the end-to-end figures")
     parser.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = parser.parse_args()
     from lookalike.shared.embedders import bf16_supported
