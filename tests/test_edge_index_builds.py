@@ -210,3 +210,29 @@ def test_a_collection_in_the_old_layout_opens_and_moves_on_its_first_build(tmp_p
         assert store.count(COLL) == 200
     finally:
         store.close()
+
+
+def test_a_second_opener_leaves_a_running_build_alone(tmp_path, monkeypatch):
+    # GIVEN a store building the next generation of its collection
+    store = open_store(tmp_path, background_index=False)
+    store.upsert(COLL, points(0, 300))
+    real_builder = store._run_builder
+    seen = {}
+
+    def builder_meanwhile_opened_elsewhere(name, target):
+        # WHEN another store opens the same directory while the build's copy exists
+        other = EdgeStore(tmp_path, background_index=False)
+        with pytest.raises(StoreUnavailable):
+            other.count(COLL)
+        other.close()
+        seen["copy_left"] = target.exists()
+        real_builder(name, target)
+
+    monkeypatch.setattr(store, "_run_builder", builder_meanwhile_opened_elsewhere)
+    try:
+        store.optimize(COLL)
+        # THEN the failed opener removed nothing, and the build finished
+        assert seen["copy_left"]
+        assert (tmp_path / COLL / CURRENT_FILE).read_text() == "gen-1" and store.count(COLL) == 300
+    finally:
+        store.close()

@@ -467,11 +467,13 @@ class EdgeStore(VectorStore):
     def _load(self, spec: CollectionSpec) -> _Open:
         collection = self._path(spec.name)
         path = _current_shard(collection)
-        _remove_leftovers(collection, path)
         # Passing the config re-checks compatibility and applies our index settings.
         with _engine_errors(f"load {spec.name}"):
             shard = qe.EdgeShard.load(str(path), self._config(spec))
             self._ensure_indexes(shard)
+        # Only now, holding the shard's lock: a process that failed to open it must not
+        # delete the generation another process is building.
+        _remove_leftovers(collection, path)
         opened = self._shards[spec.name] = _Open(shard, spec, path)
         return opened
 
