@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     topic_partitions: int = 4
     poll_max_records: int = 32
     poll_timeout_ms: int = 200
+    # A batch function (embed) may wait up to this long after its first record for a fuller
+    # batch (up to POLL_MAX_RECORDS); the others handle what one poll returns. Off by default:
+    # 50 ms bought no indexing throughput here and added ~45 ms to every search (benchmarks.md).
+    batch_max_wait_ms: int = 0
     # Longer than the worst stall of the process (Qdrant Edge holds the GIL per call; its index
     # builds run in a child process, docs/architecture.md),
     # short enough that Tansu's first group join stays quick (see docs/architecture.md).

@@ -157,8 +157,8 @@ class Runner:
     """Runs one lane of a function against Kafka until ``stop()``; see the module docstring."""
 
     def __init__(self, function: Function, bootstrap_servers: str, *, lane: str = "", poll_max_records: int = 32,
-                 poll_timeout_ms: int = 200, session_timeout_ms: int = 10000, max_attempts: int = 3,
-                 backoff_max_s: float = 30.0, consumer_factory: Callable | None = None,
+                 poll_timeout_ms: int = 200, batch_max_wait_ms: int = 0, session_timeout_ms: int = 10000,
+                 max_attempts: int = 3, backoff_max_s: float = 30.0, consumer_factory: Callable | None = None,
                  producer_factory: Callable | None = None):
         self.function = function
         self.lane = lane
@@ -169,6 +169,9 @@ class Runner:
         self.bootstrap_servers = bootstrap_servers
         self.poll_max_records = poll_max_records
         self.poll_timeout_ms = poll_timeout_ms
+        # A lane with a batch route keeps polling this long after its first record, until it
+        # holds poll_max_records: the embedder's batches form across polls, not per poll.
+        self.batch_max_wait_ms = batch_max_wait_ms if any(r.batch for r in self.routes.values()) else 0
         self.session_timeout_ms = session_timeout_ms
         self.max_attempts = max_attempts
         self.backoff_max_s = backoff_max_s
@@ -189,7 +192,8 @@ class Runner:
     @classmethod
     def from_settings(cls, function: Function, settings, bootstrap_servers: str, lane: str = "") -> "Runner":
         return cls(function, bootstrap_servers, lane=lane, poll_max_records=settings.poll_max_records,
-                   poll_timeout_ms=settings.poll_timeout_ms, session_timeout_ms=settings.session_timeout_ms,
+                   poll_timeout_ms=settings.poll_timeout_ms, batch_max_wait_ms=settings.batch_max_wait_ms,
+                   session_timeout_ms=settings.session_timeout_ms,
                    max_attempts=settings.max_attempts, backoff_max_s=settings.backoff_max_s)
 
     def stop(self) -> None:
@@ -223,6 +227,7 @@ class Runner:
                 records = [r for batch in polled.values() for r in batch]
                 if not records:
                     continue
+                records += self._linger(consumer, len(records))
                 try:
                     commits, retries = self._process(records, producer)
                 except (TransientError, KafkaError) as e:
@@ -256,6 +261,18 @@ class Runner:
             finally:
                 consumer.close(autocommit=False)
             log.info("%s: stopped", self.name)
+
+    def _linger(self, consumer, have: int) -> list:
+        """More records for the batch in hand, for up to ``batch_max_wait_ms`` (bounded by the clock)."""
+        more: list = []
+        deadline = time.monotonic() + self.batch_max_wait_ms / 1000
+        while have + len(more) < self.poll_max_records and not self._stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            polled = consumer.poll(timeout_ms=left_ms, max_records=self.poll_max_records - have - len(more))
+            more += [r for batch in polled.values() for r in batch]
+        return more
 
     def _resume_due(self, consumer) -> None:
         now = time.monotonic()

@@ -62,9 +62,18 @@ class FakeConsumer:
         self.poll_error = poll_error  # raised by the next poll (once)
 
     def poll(self, timeout_ms: int = 0, max_records: int = 500):
+        """Like KafkaConsumer.poll: returns as soon as records are there, else after ``timeout_ms``."""
         if self.poll_error is not None:
             error, self.poll_error = self.poll_error, None
             raise error
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            out = self._take(max_records)
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+
+    def _take(self, max_records: int) -> dict:
         out = {}
         with self.log.lock:
             for tp in self.tps:
@@ -78,8 +87,6 @@ class FakeConsumer:
                     max_records -= len(batch)
                 if max_records <= 0:
                     break
-        if not out:
-            time.sleep(timeout_ms / 1000)
         return out
 
     def assignment(self):

@@ -283,3 +283,33 @@ def test_a_recreated_input_topic_gets_a_fresh_consumer_before_its_records_are_ha
     health = supervisor.health()
     supervisor.stop(5)
     assert fn.calls == ["a", "b"] and health["restarts"] == 1 and "recreated" in health["last_error"]
+
+
+def test_a_batch_function_gathers_records_that_arrive_within_its_wait():
+    # GIVEN a batch function that lingers up to 2 s for a fuller batch, and a non-batch one
+    log = Log()
+    sizes: list[int] = []
+
+    class Sizes(Forward):
+        def on_batch(self, msgs):
+            sizes.append(len(msgs))
+            return super().on_batch(msgs)
+
+    fn = Sizes(batch=True)
+    consumer = FakeConsumer(log, [IN])
+    runner = Runner(fn, "fake:0", poll_timeout_ms=5, batch_max_wait_ms=2000, poll_max_records=6,
+                    consumer_factory=lambda: consumer, producer_factory=lambda: FakeProducer(log))
+    assert Runner(Forward(), "fake:0", batch_max_wait_ms=2000).batch_max_wait_ms == 0
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    # WHEN records trickle in, three now and three a little later
+    for pid in "abc":
+        log.append(IN, pid.encode(), event(pid), partition=0)
+    time.sleep(0.2)
+    for pid in "def":
+        log.append(IN, pid.encode(), event(pid), partition=1)
+    wait_for(lambda: committed_all(consumer, log))
+    stop(runner, thread)
+    # THEN they were handled as one batch of six (the batch filled before the wait ran out)
+    assert sizes == [6]
+    assert sorted(out_ids(log)) == list("abcdef")
