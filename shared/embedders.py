@@ -487,13 +487,13 @@ class OnnxEmbedder(BatchEmbedder):
     runtime = "onnx"
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, batch_size: int = 32,
-                 cache_dir: Path | None = None, threads: int = 0):
+                 cache_dir: Path | None = None):
         super().__init__(spec, "cpu", "fp32", batch_size)
         import onnxruntime as ort
 
         graph = onnx_graph(Normalized(model.eval(), spec.preprocessing).eval(), spec.preprocessing.crop, cache_dir)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: one per core
+        options.intra_op_num_threads = 0  # one per core
         # Its threads would otherwise spin between batches, taking the cores from the other
         # functions of the process (ingest, detect, the Kafka clients) that share them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -517,7 +517,7 @@ def _state_digest(model: torch.nn.Module) -> str:
 def onnx_graph(model: torch.nn.Module, crop: int, cache_dir: Path | None) -> str | bytes:
     """The model as an ONNX graph (uint8 NHWC ``pixels`` in, ``features`` out, any batch size).
 
-    Cached as ``<cache_dir>/<weights digest>.onnx`` when ``cache_dir`` is given: written to a
+    Cached as ``<cache_dir>/<weights digest>-<torch version>.onnx`` when ``cache_dir`` is given: written to a
     temporary name and renamed, so a crash never leaves a half graph under the real name.
     """
     import io

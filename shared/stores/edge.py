@@ -203,9 +203,12 @@ class EdgeStore(VectorStore):
 
     def unindexed(self, collection: str) -> int:
         """Points of the collection that searches still scan plainly (not yet in an HNSW index)."""
+        return self._index_state(collection)[1]
+
+    def _index_state(self, collection: str) -> tuple[int, int]:
+        """(points, of them not yet in an HNSW index)."""
         with self._reading(collection) as opened, _engine_errors(f"info {collection}"):
-            info = opened.shard.info()
-        return max(0, info.points_count - info.indexed_vectors_count)
+            return _points_and_unindexed(opened.shard.info())
 
     # ------------------------------------------------------------------ writes
 
@@ -213,9 +216,7 @@ class EdgeStore(VectorStore):
         opened = self._shard(collection)
         batch = [qe.Point(p.id, as_vector(p.vector, opened.spec.dim), dict(p.payload)) for p in points]
         if batch:
-            self._update(collection, qe.UpdateOperation.upsert_points(batch))
-            opened.unflushed += len(batch)
-            self._flush_if_due(collection)
+            self._update(collection, qe.UpdateOperation.upsert_points(batch), points=len(batch))
 
     def delete_points(self, collection: str, ids: Sequence[str]) -> None:
         if ids:
@@ -306,10 +307,10 @@ class EdgeStore(VectorStore):
                     return
                 try:
                     opened = self._shards.get(name)
-                    waiting = self.unindexed(name)
+                    points, waiting = self._index_state(name)
                     # Builds grow with the collection (a tenth of it), so that rebuilding merged
                     # segments stays a bounded share of the work.
-                    enough = max(self.index_after_points, self.count(name) // 10)
+                    enough = max(self.index_after_points, points // 10)
                     if opened is None or waiting < opened.unindexed_after_build + enough:
                         continue
                     log.info("indexing %s out of process: %d points unindexed", name, waiting)
@@ -317,15 +318,6 @@ class EdgeStore(VectorStore):
                 except Exception as e:  # a failed build leaves the collection as it was; try later
                     if not self._stop.is_set():
                         log.warning("background index build of %s failed: %s", name, e)
-
-    def _flush_if_due(self, name: str) -> None:
-        with self._lock:
-            opened = self._shards.get(name)
-            if opened is None or opened.unflushed < FLUSH_AFTER_POINTS or self._closed:
-                return
-            with _engine_errors(f"flush {name}"):
-                opened.shard.flush()
-            opened.unflushed = 0
 
     def _build(self, name: str) -> None:
         opened = self._shard(name)
@@ -364,7 +356,7 @@ class EdgeStore(VectorStore):
                 # 4. Switch: CURRENT names the new generation; a crash from here on opens it.
                 _write_atomically(collection / CURRENT_FILE, target.name)
                 self._shards[name] = _Open(built, opened.spec, target,
-                                           unindexed_after_build=info.points_count - info.indexed_vectors_count)
+                                           unindexed_after_build=_points_and_unindexed(info)[1])
             log.info("%s: %s serves searches (built in %.1f s, loaded in %.2f s, %d writes replayed; %d of %d "
                      "points indexed)", name, target.name, time.monotonic() - t0, t_load, len(opened.journal),
                      info.indexed_vectors_count, info.points_count)
@@ -501,7 +493,8 @@ class EdgeStore(VectorStore):
     def _write_spec(self, spec: CollectionSpec) -> None:
         _write_atomically(self._path(spec.name) / SPEC_FILE, json.dumps({"dim": spec.dim, "distance": spec.distance}))
 
-    def _update(self, collection: str, operation: Any) -> None:
+    def _update(self, collection: str, operation: Any, points: int = 0) -> None:
+        """Apply one write (``points`` new points), journal it for a running build, flush when due."""
         with self._lock:
             self._check_open()
             opened = self._shard(collection)
@@ -509,6 +502,11 @@ class EdgeStore(VectorStore):
                 opened.shard.update(operation)
             if opened.journal is not None:  # a build copied the shard before this write
                 opened.journal.append(operation)
+            opened.unflushed += points
+            if opened.unflushed >= FLUSH_AFTER_POINTS:
+                with _engine_errors(f"flush {collection}"):
+                    opened.shard.flush()
+                opened.unflushed = 0
 
     def _scroll(
         self, collection: str, conds: Conditions, fields: list[str] | None, with_vector: bool
@@ -531,6 +529,10 @@ class EdgeStore(VectorStore):
 
 
 # ---------------------------------------------------------------------- generation files
+
+
+def _points_and_unindexed(info: Any) -> tuple[int, int]:
+    return info.points_count, max(0, info.points_count - info.indexed_vectors_count)
 
 
 def _write_atomically(path: Path, text: str) -> None:
