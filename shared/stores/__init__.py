@@ -2,22 +2,43 @@
 
 ``EdgeStore`` embeds Qdrant Edge in this process (files under ``data_dir``);
 ``QdrantClientStore`` talks to a Qdrant server (or qdrant-client's ``":memory:"``).
+Each adapter loads its engine's library when first named, so code that only writes through
+the interface (the embed handler, a GPU benchmark) needs neither installed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lookalike.shared.stores.base import CollectionSpec, Hit, PointRecord, VectorStore
-from lookalike.shared.stores.client import QdrantClientStore
-from lookalike.shared.stores.edge import EdgeStore
+
+if TYPE_CHECKING:
+    from lookalike.shared.stores.client import QdrantClientStore
+    from lookalike.shared.stores.edge import EdgeStore
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QdrantClientStore":
+        from lookalike.shared.stores.client import QdrantClientStore
+
+        return QdrantClientStore
+    if name == "EdgeStore":
+        from lookalike.shared.stores.edge import EdgeStore
+
+        return EdgeStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(qdrant_url: str | None, data_dir: Path, api_key: str | None = None) -> VectorStore:
     """A Qdrant server store when ``qdrant_url`` is set (``":memory:"`` allowed), else Qdrant Edge
     under ``data_dir / "qdrant-edge"``."""
     if qdrant_url:
+        from lookalike.shared.stores.client import QdrantClientStore
+
         return QdrantClientStore(qdrant_url, api_key=api_key)
+    from lookalike.shared.stores.edge import EdgeStore
+
     return EdgeStore(Path(data_dir) / "qdrant-edge")
 
 
