@@ -17,7 +17,6 @@ recommendations run at once, more get 429 at once.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
+import pybase64 as base64  # SIMD base64: several times the stdlib's speed on image payloads
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError

@@ -14,19 +14,23 @@ by id). TORCH_HOME is torch's own: where it keeps its hub cache (``<TORCH_HOME>/
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from lookalike.shared.embedding import Embedded, ImageJob
 from lookalike.shared.finetuned import build_finetuned
+from lookalike.shared.images import THUMBNAIL_QUALITY, jpeg_header, open_jpeg, region, thumbnail
 
 log = logging.getLogger("lookalike.embedders")
 
@@ -57,17 +61,22 @@ class Preprocessing:
         left, top = (width - side) / 2, (height - side) / 2
         return left, top, left + side, top + side
 
-    def pixels(self, image: Image.Image) -> np.ndarray:
+    def pixels(self, image: Image.Image, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """The network's input as uint8 (crop, crop, 3) RGB; normalisation happens in the network.
 
-        One resampling of the region the centre crop keeps, straight to the crop size: the
-        same pixels as ``transform()``'s resize-then-crop (cosine 1.0 between the two paths'
-        vectors on grocery-dev) in about a third of the time, since no pixel outside the crop
-        is computed.
+        ``region`` (left, top, right, bottom; ``shared.images.region``) embeds that part of the
+        image as if it had been cropped out first. One resampling of the square the centre crop
+        keeps, straight to the crop size: the same pixels as ``transform()``'s resize-then-crop
+        (cosine 1.0 between the two paths' vectors on grocery-dev) in about a third of the time,
+        since no pixel outside the crop is computed.
         """
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        x1, y1, x2, y2 = region or (0, 0, *image.size)
+        left, top, right, bottom = self.crop_box(x2 - x1, y2 - y1)
         resample = Image.Resampling[self.interpolation.upper()]
-        return np.asarray(image.resize((self.crop, self.crop), resample, box=self.crop_box(*image.size)))
+        return np.asarray(image.resize((self.crop, self.crop), resample,
+                                       box=(x1 + left, y1 + top, x1 + right, y1 + bottom)))
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """Normalised float tensors through torchvision (training uses it, with augmentations)."""
@@ -410,11 +419,21 @@ class Normalized(torch.nn.Module):
         return self.net(x)
 
 
-class BatchEmbedder:
-    """A loaded feature extractor (a ``shared.embedding.Embedder``): PIL images in, L2-normalised rows out.
+@dataclass
+class Prepared:
+    """One batch made ready for the network by the worker thread."""
 
-    Images become uint8 pixel batches (``Preprocessing.pixels``) in one worker thread while
-    the network runs the batch before (PIL's resampling releases the GIL), so
+    pixels: np.ndarray | torch.Tensor  # (rows, crop, crop, 3) uint8; a tensor when decoded on the device
+    owners: list[int] = field(default_factory=list)  # per row: the job (in its chunk) it belongs to
+    thumbnails: list[bytes | None] = field(default_factory=list)  # per job
+    errors: dict[int, Exception] = field(default_factory=dict)  # per job that could not be decoded
+
+
+class BatchEmbedder:
+    """A loaded feature extractor (a ``shared.embedding.Embedder``): images in, L2-normalised rows out.
+
+    One worker thread decodes and preprocesses the next batch into uint8 pixels while the
+    network runs the current one (PIL's decoding and resampling release the GIL), so
     preprocessing stays off the model's critical path. Subclasses run the network:
     ``TorchEmbedder`` (CUDA, or a CPU with native bf16) and ``OnnxEmbedder`` (CPU).
     """
@@ -432,47 +451,240 @@ class BatchEmbedder:
     def dim(self) -> int:
         return self.spec.dim
 
-    def _pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return np.stack([self.spec.preprocessing.pixels(im) for im in images])
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
+    def features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, crop, crop, 3) uint8 -> (N, dim) float32, not yet normalised."""
         raise NotImplementedError
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = np.zeros((len(images), self.spec.dim), dtype=np.float32)
-        starts = range(0, len(images), self.batch_size)
-        chunk = {s: images[s : s + self.batch_size] for s in starts}
-        ahead = self._prep.submit(self._pixels, chunk[0]) if images else None
-        for start in starts:
-            pixels = ahead.result()
-            following = start + self.batch_size
-            ahead = self._prep.submit(self._pixels, chunk[following]) if following in chunk else None
-            feats = self.features(pixels)
+        chunks = [images[s : s + self.batch_size] for s in range(0, len(images), self.batch_size)]
+        rows = [unit for _, unit in self._pipelined(chunks, self._prepare_images)]
+        return np.concatenate(rows) if rows else np.zeros((0, self.spec.dim), dtype=np.float32)
+
+    def embed_jobs(self, jobs: Sequence[ImageJob]) -> list[Embedded | Exception]:
+        """Decode, preprocess and embed stored JPEGs: one result per job (its exception if it cannot be decoded)."""
+        chunks = self._job_chunks(jobs)
+        results: list[Embedded | Exception] = []
+        for chunk, (prepared, unit) in zip(chunks, self._pipelined(chunks, self._prepare_jobs)):
+            owners = np.asarray(prepared.owners, dtype=np.int64)
+            for j in range(len(chunk)):
+                error = prepared.errors.get(j)
+                results.append(error if error is not None else Embedded(unit[owners == j], prepared.thumbnails[j]))
+        return results
+
+    def _job_chunks(self, jobs: Sequence[ImageJob]) -> list[list[ImageJob]]:
+        """Consecutive jobs grouped so that each group has at most ``batch_size`` boxes (a bigger job goes alone)."""
+        chunks: list[list[ImageJob]] = []
+        rows = 0
+        for job in jobs:
+            if not chunks or rows + len(job.boxes) > self.batch_size:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(job)
+            rows += len(job.boxes)
+        return chunks
+
+    def _pipelined(self, chunks: list, prepare: Callable[[Any], Prepared]) -> Iterator[tuple[Prepared, np.ndarray]]:
+        """Each chunk prepared (in the worker, one ahead) and run: (prepared, its L2-normalised rows)."""
+        ahead = self._prep.submit(prepare, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            prepared = ahead.result()
+            ahead = self._prep.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            if len(prepared.pixels) == 0:
+                yield prepared, np.zeros((0, self.spec.dim), dtype=np.float32)
+                continue
+            feats = self.features(prepared.pixels)
             # Normalise in fp32: bf16 rows would not be unit norm to float32 precision.
-            norms = np.linalg.norm(feats, axis=1, keepdims=True)
-            out[start : start + len(feats)] = feats / np.maximum(norms, 1e-12)
-        return out
+            yield prepared, feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+    def _prepare_images(self, images: Sequence[Image.Image]) -> Prepared:
+        return Prepared(np.stack([self.spec.preprocessing.pixels(im) for im in images]))
+
+    def _prepare_jobs(self, jobs: Sequence[ImageJob]) -> Prepared:
+        """Decode with PIL (limits of ``open_jpeg``), thumbnail, and each box's pixels."""
+        prepared = Prepared(np.zeros(0), thumbnails=[None] * len(jobs))
+        rows = []
+        for j, job in enumerate(jobs):
+            try:
+                image = open_jpeg(job.jpeg)
+                mine = [self.spec.preprocessing.pixels(image, region(box, *image.size)) for box in job.boxes]
+                if job.thumbnail_side:
+                    prepared.thumbnails[j] = thumbnail(image, job.thumbnail_side)
+            except Exception as e:  # noqa: BLE001 - this job's image is bad, the others go on
+                prepared.errors[j] = e
+                continue
+            rows.extend(mine)
+            prepared.owners.extend([j] * len(mine))
+        crop = self.spec.preprocessing.crop
+        prepared.pixels = np.stack(rows) if rows else np.zeros((0, crop, crop, 3), dtype=np.uint8)
+        return prepared
+
+
+# Threads that JPEG-encode thumbnails on the GPU path (libjpeg-turbo runs without the GIL):
+# half the cores, at most 8, leave the rest to parsing, the network's launches and the runner.
+THUMBNAIL_LANES = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class TorchEmbedder(BatchEmbedder):
-    """The network in PyTorch: channels-last under ``inference_mode``, bf16 autocast when asked;
-    on CUDA the uint8 batch is pinned and copied non-blocking."""
+    """The network in PyTorch: channels-last under ``inference_mode``, bf16 autocast when asked.
+
+    On CUDA stored JPEGs are decoded on the GPU (nvJPEG through torchvision) and cropped,
+    resized and thumbnailed there, on a stream of their own while the network runs the
+    batch before; PIL images (``embed``) travel as pinned uint8, copied non-blocking.
+    ``decode="device"`` takes the tensor path on the CPU too (tests run it there).
+    """
 
     runtime = "torch"
 
-    def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str, batch_size: int = 32):
+    def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str,
+                 batch_size: int = 32, decode: str = "auto"):
         super().__init__(spec, device, precision, batch_size)
+        if decode not in ("auto", "pil", "device"):
+            raise ValueError(f"decode must be auto, pil or device, not {decode!r}")
         network = Normalized(model.eval(), spec.preprocessing).eval().to(device)
         self.model = network.to(memory_format=torch.channels_last)
+        on_cuda = torch.device(device).type == "cuda"
+        self.decode = ("device" if on_cuda else "pil") if decode == "auto" else decode
+        self._stream = torch.cuda.Stream(device) if on_cuda else None
+        self._thumbnail_lanes = THUMBNAIL_LANES
+        self._thumbnail_pool = ThreadPoolExecutor(max_workers=THUMBNAIL_LANES, thread_name_prefix="embed-thumbnails")
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
 
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels)
-        if self.device.startswith("cuda"):
-            x = x.pin_memory()
+    def features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+        rows = len(x)
+        if self._stream is not None:
+            if x.device.type == "cpu":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            # Batch sizes rounded up to a power of two: a handful of shapes, each tuned once by cuDNN.
+            bucket = min(max(self.batch_size, rows), 1 << (rows - 1).bit_length())
+            if bucket > rows:
+                x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
         with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
                                                     enabled=self.precision == "bf16"):
-            return self.model(x.to(self.device, non_blocking=True)).float().cpu().numpy()
+            # .cpu() waits for the batch, so the pixels (made on the decode stream) are free after it.
+            return self.model(x).float()[:rows].cpu().numpy()
+
+    def _prepare_jobs(self, jobs: Sequence[ImageJob]) -> Prepared:
+        if self.decode == "pil":
+            return super()._prepare_jobs(jobs)
+        with torch.inference_mode(), (torch.cuda.stream(self._stream) if self._stream is not None
+                                      else contextlib.nullcontext()):
+            prepared = self._prepare_on_device(jobs)
+        if self._stream is not None:
+            self._stream.synchronize()  # only this worker waits; the network's stream runs on
+        return prepared
+
+    def _prepare_on_device(self, jobs: Sequence[ImageJob]) -> Prepared:
+        from torchvision.io import encode_jpeg
+
+        prepared = Prepared(torch.zeros(0), thumbnails=[None] * len(jobs))
+        images = self._decode_on_device(jobs, prepared.errors)
+        pre = self.spec.preprocessing
+        squares, owners = [], []
+        for j, job in enumerate(jobs):
+            if j not in images:
+                continue
+            image = images[j]
+            for box in job.boxes:
+                x1, y1, x2, y2 = region(box, image.shape[2], image.shape[1])
+                left, top, right, bottom = (round(v) for v in pre.crop_box(x2 - x1, y2 - y1))
+                squares.append(image[:, y1 + top : y1 + max(bottom, top + 1), x1 + left : x1 + max(right, left + 1)])
+                owners.append(j)
+        prepared.pixels = _resized(squares, lambda _: (pre.crop, pre.crop), pre.interpolation).permute(0, 2, 3, 1)
+        prepared.owners = owners
+        wanted = [j for j, job in enumerate(jobs) if j in images and job.thumbnail_side]
+        if wanted:
+            side = {j: jobs[j].thumbnail_side for j in wanted}
+            small = _resized([images[j] for j in wanted], lambda k: _fit(images[wanted[k]].shape[1:], side[wanted[k]]),
+                             "bilinear")
+            # Resized on the device, copied to the host at once, encoded by libjpeg-turbo in a few
+            # threads: nvJPEG's encoder, one image at a time, took 60% of this worker's time.
+            host = list(small.cpu()) if isinstance(small, torch.Tensor) else [t.cpu() for t in small]
+            lanes = min(self._thumbnail_lanes, len(host))
+            parts = self._thumbnail_pool.map(lambda k: encode_jpeg(host[k::lanes], quality=THUMBNAIL_QUALITY),
+                                             range(lanes))
+            for k, part in enumerate(parts):
+                for m, data in enumerate(part):
+                    prepared.thumbnails[wanted[k + m * lanes]] = data.numpy().tobytes()
+        return prepared
+
+    def _decode_on_device(self, jobs: Sequence[ImageJob], errors: dict[int, Exception]) -> dict[int, torch.Tensor]:
+        """(3, H, W) uint8 RGB per decodable job, on the device; the others' exceptions into ``errors``.
+
+        PIL reads each header first (about 40 µs on the H100's host), so the size limits hold
+        before nvJPEG allocates anything. One bad JPEG fails a batched decode: then each is decoded alone,
+        and what nvJPEG refuses (CMYK, say) gets PIL's decode before it counts as bad.
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded: dict[int, torch.Tensor] = {}
+        for j, job in enumerate(jobs):
+            try:
+                header = jpeg_header(job.jpeg)
+                if header.format != "JPEG":
+                    raise ValueError(f"a stored image must be a JPEG, not {header.format}")
+                if not job.jpeg.endswith(b"\xff\xd9"):  # nvJPEG decodes a cut-off JPEG without a word
+                    raise ValueError("the JPEG is truncated (no end-of-image marker)")
+                encoded[j] = torch.frombuffer(bytearray(job.jpeg), dtype=torch.uint8)
+            except Exception as e:  # noqa: BLE001
+                errors[j] = e
+        if not encoded:
+            return {}
+        try:
+            return dict(zip(encoded, decode_jpeg(list(encoded.values()), mode=ImageReadMode.RGB, device=self.device)))
+        except RuntimeError:
+            pass
+        images = {}
+        for j, data in encoded.items():
+            try:
+                images[j] = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                try:
+                    pixels = np.asarray(open_jpeg(jobs[j].jpeg))
+                    images[j] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(self.device)
+                except Exception as e:  # noqa: BLE001
+                    errors[j] = e
+        return images
+
+
+def _fit(size: torch.Size, side: int) -> tuple[int, int]:
+    """(height, width) scaled so that the longest side is at most ``side``, as PIL's thumbnail() does."""
+    height, width = int(size[0]), int(size[1])
+    factor = min(1.0, side / max(height, width))
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def _resized(images: list[torch.Tensor], size_of: Callable[[int], tuple[int, int]],
+             interpolation: str) -> torch.Tensor | list[torch.Tensor]:
+    """Each (3, h, w) uint8 image resized to ``size_of(its index)``, antialiased (like PIL when shrinking).
+
+    Images of one source and target size go through one interpolation together (with detection
+    off every stored photo has the same size, so a batch is one call, not one per image).
+    Returns one (N, 3, H, W) tensor when all targets are equal, else a list.
+    """
+    if not images:
+        return torch.zeros((0, 3, *size_of(0)), dtype=torch.uint8)
+    groups: dict[tuple, list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault((tuple(image.shape[1:]), size_of(k)), []).append(k)
+    if len(groups) == 1:
+        ((_, size),) = groups
+        return _resize_batch(torch.stack(images), size, interpolation)
+    out: list[torch.Tensor] = list(images)
+    for (_, size), members in groups.items():
+        for k, row in zip(members, _resize_batch(torch.stack([images[k] for k in members]), size, interpolation)):
+            out[k] = row
+    return torch.stack(out) if len({tuple(t.shape) for t in out}) == 1 else out
+
+
+def _resize_batch(batch: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    if tuple(batch.shape[2:]) == tuple(size):
+        return batch
+    out = torch.nn.functional.interpolate(batch.float(), size=size, mode=interpolation, antialias=True,
+                                          align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class OnnxEmbedder(BatchEmbedder):

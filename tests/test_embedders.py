@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import urllib.error
 
 import numpy as np
@@ -211,3 +212,81 @@ def test_runtime_choice():
         embedders.choose_runtime("onnx", "cuda", "fp32")
     with pytest.raises(ValueError, match="runtime"):
         embedders.choose_runtime("tensorrt", "cpu", "fp32")
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _stored(seed: int) -> tuple[bytes, Image.Image]:
+    """A photo as ingest stores it (a 4:3 JPEG) and the image a decoder gets back from it."""
+    data = _jpeg(_picture(seed, 480).resize((640, 480)))
+    return data, Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1)
+
+
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_jobs_embed_the_boxes_of_stored_jpegs_like_cropped_images(decode, tmp_path):
+    from lookalike.shared.embedders import TorchEmbedder
+    from lookalike.shared.embedding import ImageJob
+    from lookalike.shared.images import crop
+    from lookalike.shared.messages import Box
+
+    spec = REGISTRY["efficientnet_lite0"]
+    model = spec.build(spec.find_weights(None, allow_download=False))
+    # GIVEN an embedder whose batches hold 3 crops (so the 4 jobs below span chunks) that decodes
+    # with PIL or on the torch device (the GPU path, here on the CPU)
+    emb = TorchEmbedder(spec, model, "cpu", "fp32", batch_size=3, decode=decode)
+    photos = [_stored(seed) for seed in range(3)]
+    boxes = [[Box(x1=40, y1=30, x2=400, y2=300), Box(x1=0, y1=0, x2=640, y2=480)],
+             [Box(x1=-20, y1=100, x2=700, y2=479.6)],  # past the edges: clamped like crop()
+             [Box(x1=300, y1=200, x2=520, y2=470), Box(x1=10, y1=10, x2=90, y2=60), Box(x1=0, y1=0, x2=640, y2=480)]]
+    jobs = [ImageJob(data, bxs, thumbnail_side=160 if i != 1 else 0)  # the second is a query image: no thumbnail
+            for i, ((data, _), bxs) in enumerate(zip(photos, boxes))]
+    # AND one message whose JPEG is corrupt
+    jobs.insert(2, ImageJob(photos[0][0][:600] + b"\0" * 400, [Box(x1=0, y1=0, x2=640, y2=480)], 160))
+    # WHEN the jobs are embedded
+    results = emb.embed_jobs(jobs)
+    # THEN the corrupt one reports its error and the others their vectors, one per box, in order:
+    # the same vectors as the crops embedded one by one through PIL (the reference path)
+    assert len(results) == 4 and isinstance(results[2], Exception)
+    for result, (data, image), bxs in zip([results[0], results[1], results[3]], photos, boxes):
+        reference = emb.embed([crop(image, box) for box in bxs])
+        assert result.vectors.shape == (len(bxs), spec.dim)
+        assert np.allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
+        assert _cosines(result.vectors, reference).min() > (0.9999 if decode == "pil" else 0.995)
+    # AND index images come with a 160 px JPEG thumbnail of the whole photo, query images without
+    for result in (results[0], results[3]):
+        thumb = Image.open(io.BytesIO(result.thumbnail))
+        assert thumb.format == "JPEG" and thumb.size == (160, 120)
+    assert results[1].thumbnail is None
+
+
+def test_device_decoding_refuses_what_pil_decoding_refuses(monkeypatch):
+    from lookalike.shared import images
+    from lookalike.shared.embedders import TorchEmbedder
+    from lookalike.shared.embedding import ImageJob
+    from lookalike.shared.messages import Box
+
+    spec = REGISTRY["efficientnet_lite0"]
+    model = spec.build(spec.find_weights(None, allow_download=False))
+    emb = TorchEmbedder(spec, model, "cpu", "fp32", decode="device")
+    whole = [Box(x1=0, y1=0, x2=640, y2=480)]
+    png = io.BytesIO()
+    _picture(1).save(png, "PNG")
+    grey = _jpeg(_picture(2, 240).convert("L"))
+    # GIVEN a decode budget smaller than one stored photo
+    monkeypatch.setattr(images, "MAX_DECODE_BYTES", 640 * 480 * 2)
+    # WHEN a photo, a PNG in a JPEG's place, and a grey JPEG are embedded
+    big, png_result, grey_result = emb.embed_jobs([ImageJob(_stored(0)[0], whole), ImageJob(png.getvalue(), whole),
+                                                   ImageJob(grey, [Box(x1=0, y1=0, x2=240, y2=240)])])
+    # THEN the photo is refused before any decoding (as PIL's path refuses it), the PNG too,
+    # and the grey JPEG is embedded as RGB
+    assert isinstance(big, images.ImageTooLarge)
+    assert isinstance(png_result, ValueError) and "PNG" in str(png_result)
+    assert grey_result.vectors.shape == (1, spec.dim)

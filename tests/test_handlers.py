@@ -23,6 +23,7 @@ from lookalike.functions.ingest.handler import Ingest
 from lookalike.functions.query.handler import Query
 from lookalike.shared.config import Settings
 from lookalike.shared.detector import WholeImageDetector
+from lookalike.shared.embedding import embed_jobs_with_pil
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import open_jpeg, thumbnail
 from lookalike.shared.messages import (
@@ -64,6 +65,9 @@ class ColourEmbedder:
             v = np.concatenate([a.mean(axis=(0, 1)), a.std(axis=(0, 1))]) + 1e-3
             rows.append(v / np.linalg.norm(v))
         return np.stack(rows)
+
+    def embed_jobs(self, jobs):
+        return embed_jobs_with_pil(self.embed, jobs)
 
 
 def photo(color=(200, 30, 30), size=(800, 600), fmt="JPEG", exif_orientation=None) -> bytes:
@@ -311,13 +315,14 @@ def test_embed_batches_both_intents_and_isolates_a_corrupt_message(pipeline, sto
     index_det = pipeline.detect.on_image(index_msg.message)[0].message
     query_det = pipeline.detect.on_image(query_msg.message)[0].message
     corrupt = DetectedImage(**{**query_det.model_dump(), "jpeg": base64.b64encode(b"garbage").decode()})
-    # WHEN one batch holds an index image, a query image and a corrupt one
-    outcomes = pipeline.embed.on_batch([index_det, query_det, corrupt])
-    # THEN the index image is stored, the query goes on with one vector per object, the corrupt one is poison
+    not_base64 = DetectedImage(**{**query_det.model_dump(), "jpeg": "not base64!"})
+    # WHEN one batch holds an index image, a query image, a corrupt one and one that is not even base64
+    outcomes = pipeline.embed.on_batch([index_det, not_base64, query_det, corrupt])
+    # THEN the index image is stored, the query goes on with one vector per object, the other two are poison
     assert outcomes[0] == [] and store.count(COLLECTION) == 1
-    (emit,) = outcomes[1]
+    (emit,) = outcomes[2]
     assert emit.topic == QUERY_VECTORS and len(emit.message.objects[0].vector) == DIM
-    assert isinstance(outcomes[2], PoisonMessage)
+    assert isinstance(outcomes[1], PoisonMessage) and isinstance(outcomes[3], PoisonMessage)
 
 
 def legacy_thumbnail(normalized) -> str:
@@ -343,10 +348,10 @@ def test_embed_makes_one_thumbnail_per_image_for_all_its_points(pipeline, store,
     (detected,) = pipeline.detect.on_image(normalized.message)
     assert len(detected.message.objects) == 3
     assert "thumbnail" not in json.loads(detected.message.to_bytes())["index"]
-    import lookalike.functions.embed.handler as embed_module
+    import lookalike.shared.embedding as embedding_module  # where ColourEmbedder's jobs make thumbnails
 
     made = []
-    monkeypatch.setattr(embed_module, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k))
+    monkeypatch.setattr(embedding_module, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k))
     # WHEN embed stores it
     pipeline.embed.on_batch([detected.message])
     # THEN every point of the image has the same 160 px JPEG thumbnail, made once

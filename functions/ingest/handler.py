@@ -12,7 +12,7 @@ its points are not there.
 
 from __future__ import annotations
 
-import base64
+import pybase64 as base64  # SIMD base64: several times the stdlib's speed on image payloads
 
 from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage
