@@ -640,17 +640,22 @@ class TorchEmbedder(BatchEmbedder):
         for j, data in encoded.items():
             try:
                 images[j] = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:
-                try:
-                    pixels = np.asarray(open_jpeg(jobs[j].jpeg))
-                    images[j] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(self.device)
-                except Exception as e:  # noqa: BLE001
-                    errors[j] = e
+                continue
+            except RuntimeError:  # nvJPEG refuses the image, or the device failed: PIL tells which
+                pass
+            try:
+                pixels = np.asarray(open_jpeg(jobs[j].jpeg))
+            except Exception as e:  # noqa: BLE001 - the image itself is bad
+                errors[j] = e
+                continue
+            # Outside the try: a device failure (out of memory, say) is not the image's fault; it
+            # reaches the runner, which retries instead of dead-lettering good messages.
+            images[j] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(self.device)
         return images
 
 
 def _fit(size: torch.Size, side: int) -> tuple[int, int]:
-    """(height, width) scaled so that the longest side is at most ``side``, as PIL's thumbnail() does."""
+    """(height, width) scaled so that the longest side is at most ``side`` (PIL's thumbnail() agrees within a pixel)."""
     height, width = int(size[0]), int(size[1])
     factor = min(1.0, side / max(height, width))
     return max(1, round(height * factor)), max(1, round(width * factor))

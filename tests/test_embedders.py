@@ -290,3 +290,34 @@ def test_device_decoding_refuses_what_pil_decoding_refuses(monkeypatch):
     assert isinstance(big, images.ImageTooLarge)
     assert isinstance(png_result, ValueError) and "PNG" in str(png_result)
     assert grey_result.vectors.shape == (1, spec.dim)
+
+
+def test_images_the_device_decoder_refuses_are_decoded_by_pil(monkeypatch):
+    import torchvision.io
+
+    from lookalike.shared.embedders import TorchEmbedder
+    from lookalike.shared.embedding import ImageJob
+    from lookalike.shared.messages import Box
+
+    spec = REGISTRY["efficientnet_lite0"]
+    model = spec.build(spec.find_weights(None, allow_download=False))
+    emb = TorchEmbedder(spec, model, "cpu", "fp32", decode="device")
+    data, _ = _stored(4)
+    whole = [Box(x1=0, y1=0, x2=640, y2=480)]
+    expected = emb.embed_jobs([ImageJob(data, whole)])[0].vectors
+    # GIVEN a device decoder that refuses every image (nvJPEG refuses CMYK JPEGs, for one)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("nvjpeg: unsupported")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
+    # WHEN a batch of two photos is embedded
+    first, second = emb.embed_jobs([ImageJob(data, whole), ImageJob(data, whole, thumbnail_side=160)])
+    # THEN the batch, then each image, went to the device decoder, and PIL decoded both to the
+    # same vectors (and thumbnail) as the device decoder gave
+    assert len(calls) == 3
+    assert _cosines(first.vectors, expected).min() > 0.9999
+    assert _cosines(second.vectors, expected).min() > 0.9999
+    assert Image.open(io.BytesIO(second.thumbnail)).size == (160, 120)

@@ -57,7 +57,7 @@ class Embed(Function):
             jobs[i] = ImageJob(jpeg, [obj.box for obj in messages[i].objects],
                                THUMBNAIL_SIDE if messages[i].intent == "index" else 0)
         if jobs:
-            results.update(zip(jobs, self.embedder.embed_jobs(list(jobs.values()))))
+            results.update(zip(jobs, self.embedder.embed_jobs(list(jobs.values())), strict=True))
         self.counters["crops"] += sum(len(r.vectors) for r in results.values() if isinstance(r, Embedded))
 
         # Store writes in message order (a sync must follow the images before it), with
@@ -68,12 +68,14 @@ class Embed(Function):
             if isinstance(msg, ProductSync):
                 self._flush(pending)
                 outcomes[i] = [Emit(CATALOG_INDEXED, self._sync(msg))]
-            elif isinstance(results[i], Exception):
-                outcomes[i] = PoisonMessage(f"detected image cannot be decoded: {results[i]}")
+                continue
+            result = results[i]
+            if isinstance(result, Exception):
+                outcomes[i] = PoisonMessage(f"detected image cannot be decoded: {result}")
             elif msg.intent == "index":
-                pending.extend(self._points(msg, results[i]))
+                pending.extend(self._points(msg, result))
             else:
-                outcomes[i] = [Emit(QUERY_VECTORS, self._query(msg, results[i].vectors))]
+                outcomes[i] = [Emit(QUERY_VECTORS, self._query(msg, result.vectors))]
         self._flush(pending)
         return outcomes
 
