@@ -241,7 +241,7 @@ def main() -> None:
     # Where the worker's time goes, on one batch.
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-    from lookalike.shared.embedders import _fit, _resized
+    from lookalike.shared.embedders import THUMBNAIL_LANES, _fit, _resized
     from lookalike.shared.images import jpeg_header
 
     one = jobs[:batch]
@@ -249,7 +249,7 @@ def main() -> None:
     decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
     squares = [im[:, 30:450, 110:530] for im in decoded]
     small = _resized(decoded, lambda k: _fit(decoded[k].shape[1:], THUMBNAIL_SIDE), "bilinear")
-    host, lanes = list(small.cpu()), embedder._thumbnail_lanes
+    host, lanes = list(small.cpu()), THUMBNAIL_LANES
     arrays = [t.permute(1, 2, 0).numpy() for t in host]
     from lookalike.shared.images import to_jpeg
 

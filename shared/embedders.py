@@ -545,7 +545,6 @@ class TorchEmbedder(BatchEmbedder):
         on_cuda = torch.device(device).type == "cuda"
         self.decode = ("device" if on_cuda else "pil") if decode == "auto" else decode
         self._stream = torch.cuda.Stream(device) if on_cuda else None
-        self._thumbnail_lanes = THUMBNAIL_LANES
         self._thumbnail_pool = ThreadPoolExecutor(max_workers=THUMBNAIL_LANES, thread_name_prefix="embed-thumbnails")
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
@@ -602,7 +601,7 @@ class TorchEmbedder(BatchEmbedder):
             # Resized on the device, copied to the host at once, encoded by libjpeg-turbo in a few
             # threads: nvJPEG's encoder, one image at a time, took 60% of this worker's time.
             host = list(small.cpu()) if isinstance(small, torch.Tensor) else [t.cpu() for t in small]
-            lanes = min(self._thumbnail_lanes, len(host))
+            lanes = min(THUMBNAIL_LANES, len(host))
             parts = self._thumbnail_pool.map(lambda k: encode_jpeg(host[k::lanes], quality=THUMBNAIL_QUALITY),
                                              range(lanes))
             for k, part in enumerate(parts):

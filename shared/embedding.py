@@ -6,14 +6,13 @@ this protocol, so it imports no ML framework and tests can hand it any object of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from lookalike.shared.images import crop, open_jpeg, thumbnail
 from lookalike.shared.messages import Box
 
 
@@ -50,29 +49,3 @@ class Embedder(Protocol):
         """One result per job, in order; a job whose JPEG cannot be decoded gets the exception instead."""
         ...
 
-
-def embed_jobs_with_pil(embed: Callable[[Sequence[Image.Image]], np.ndarray],
-                        jobs: Sequence[ImageJob]) -> list[Embedded | Exception]:
-    """The plain way to run jobs: decode each with PIL, crop its boxes, embed every crop in one call.
-
-    For embedders that have no faster path of their own (test doubles); the real ones
-    decode in a worker thread or on the GPU (shared/embedders.py).
-    """
-    results: list[Embedded | Exception] = []
-    crops, owners = [], []
-    for i, job in enumerate(jobs):
-        try:
-            image = open_jpeg(job.jpeg)
-        except Exception as e:  # noqa: BLE001 - the job's own failure, reported per job
-            results.append(e)
-            continue
-        results.append(Embedded(np.empty((0, 0), np.float32),
-                                thumbnail(image, job.thumbnail_side) if job.thumbnail_side else None))
-        for box in job.boxes:
-            crops.append(crop(image, box))
-            owners.append(i)
-    rows = embed(crops) if crops else np.empty((0, 0), np.float32)
-    for i, result in enumerate(results):
-        if isinstance(result, Embedded):
-            result.vectors = rows[[k for k, owner in enumerate(owners) if owner == i]]
-    return results

@@ -23,9 +23,9 @@ from lookalike.functions.ingest.handler import Ingest
 from lookalike.functions.query.handler import Query
 from lookalike.shared.config import Settings
 from lookalike.shared.detector import WholeImageDetector
-from lookalike.shared.embedding import embed_jobs_with_pil
+from lookalike.shared.embedding import Embedded
 from lookalike.shared.errors import PoisonMessage
-from lookalike.shared.images import open_jpeg, thumbnail
+from lookalike.shared.images import crop, open_jpeg, thumbnail
 from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
@@ -66,8 +66,24 @@ class ColourEmbedder:
             rows.append(v / np.linalg.norm(v))
         return np.stack(rows)
 
+    def __init__(self):
+        self.thumbnails_made = 0
+
     def embed_jobs(self, jobs):
-        return embed_jobs_with_pil(self.embed, jobs)
+        """Decode with PIL, crop each box, embed the crops; the job's error when it cannot be decoded."""
+        results = []
+        for job in jobs:
+            try:
+                image = open_jpeg(job.jpeg)
+            except Exception as e:  # noqa: BLE001 - reported per job, like the real embedders
+                results.append(e)
+                continue
+            thumb = None
+            if job.thumbnail_side:
+                thumb = thumbnail(image, job.thumbnail_side)
+                self.thumbnails_made += 1
+            results.append(Embedded(self.embed([crop(image, box) for box in job.boxes]), thumb))
+        return results
 
 
 def photo(color=(200, 30, 30), size=(800, 600), fmt="JPEG", exif_orientation=None) -> bytes:
@@ -340,7 +356,7 @@ def with_fields(message, path: tuple[str, ...] = (), **fields) -> bytes:
     return json.dumps(doc).encode()
 
 
-def test_embed_makes_one_thumbnail_per_image_for_all_its_points(pipeline, store, monkeypatch):
+def test_embed_makes_one_thumbnail_per_image_for_all_its_points(pipeline, store):
     # GIVEN an index image on its way to embed (three objects: two detected plus the whole image),
     # and a count of the thumbnails embed makes
     pipeline.detect.detector = TwoBoxDetector()
@@ -348,22 +364,20 @@ def test_embed_makes_one_thumbnail_per_image_for_all_its_points(pipeline, store,
     (detected,) = pipeline.detect.on_image(normalized.message)
     assert len(detected.message.objects) == 3
     assert "thumbnail" not in json.loads(detected.message.to_bytes())["index"]
-    import lookalike.shared.embedding as embedding_module  # where ColourEmbedder's jobs make thumbnails
-
-    made = []
-    monkeypatch.setattr(embedding_module, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k))
+    embedder = pipeline.embed.embedder
+    made = embedder.thumbnails_made
     # WHEN embed stores it
     pipeline.embed.on_batch([detected.message])
     # THEN every point of the image has the same 160 px JPEG thumbnail, made once
     payloads = store.product_payloads(COLLECTION, "p1")
-    assert len(payloads) == 3 and len(made) == 1
+    assert len(payloads) == 3 and embedder.thumbnails_made - made == 1
     assert len({p["thumbnail"] for p in payloads}) == 1
     thumb = Image.open(io.BytesIO(base64.b64decode(payloads[0]["thumbnail"], validate=True)))
     assert thumb.format == "JPEG" and thumb.size == (THUMBNAIL_SIDE, THUMBNAIL_SIDE * 3 // 4)
     # AND a query image gets none (nothing stores it)
     (query,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo())))
     pipeline.embed.on_batch([pipeline.detect.on_image(query.message)[0].message])
-    assert len(made) == 1
+    assert embedder.thumbnails_made - made == 1
 
 
 def test_messages_of_the_previous_release_still_parse_and_the_new_ones_are_smaller(pipeline):
