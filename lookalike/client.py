@@ -14,7 +14,7 @@ from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata
 from pydantic import TypeAdapter
 
-from lookalike.shared.bus import OffsetReader, ensure_topics, make_producer, tail_consumer, topic_partitions
+from lookalike.shared.bus import OffsetReader, ensure_topics, kafka_options, make_producer, tail_consumer, topic_partitions
 from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import normalize
@@ -253,7 +253,8 @@ class Client:
     def dlq_records(self, topic: str, timeout_s: float = 2.0) -> list[dict]:
         """Everything in ``topic``'s DLQ, with reasons (for tests and operators)."""
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
-                                 auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000))
+                                 auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000),
+                                 **kafka_options())
         tps = topic_partitions(consumer, dlq_topic(topic))
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
@@ -278,7 +279,8 @@ class Client:
         """
         source = dlq_topic(topic)
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=DLQ_REPLAY_GROUP,
-                                 enable_auto_commit=False, auto_offset_reset="earliest", client_id="lookalike-cli")
+                                 enable_auto_commit=False, auto_offset_reset="earliest", client_id="lookalike-cli",
+                                 **kafka_options())
         replayed: list[dict] = []
         try:
             tps = topic_partitions(consumer, source)

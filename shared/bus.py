@@ -16,7 +16,9 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.net.sasl.oauth import AbstractTokenProvider
 
+from lookalike.shared.config import Settings
 from lookalike.shared.limits import MAX_MESSAGE_BYTES
 from lookalike.shared.messages import ALL_TOPICS, dlq_topic
 
@@ -93,13 +95,85 @@ class TansuBroker:
         self.stop()
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM")
+
+
+def kafka_options(settings: Settings | None = None) -> dict:
+    """TLS and SASL options for every Kafka client lookalike makes, from the ``KAFKA_*`` settings.
+
+    Empty for a plaintext broker (the embedded Tansu). Secrets stay ``SecretStr`` in the settings
+    and are unwrapped only here, into the client's configuration.
+    """
+    s = settings or Settings()
+    protocol = s.kafka_security_protocol.upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, not {protocol!r}")
+    if protocol == "PLAINTEXT":
+        return {}
+    options: dict = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        files = {"ssl_cafile": s.kafka_ssl_cafile, "ssl_certfile": s.kafka_ssl_certfile,
+                 "ssl_keyfile": s.kafka_ssl_keyfile}
+        options.update({k: v for k, v in files.items() if v})
+        if s.kafka_ssl_password:
+            options["ssl_password"] = s.kafka_ssl_password.get_secret_value()
+    if protocol.startswith("SASL_"):
+        mechanism = (s.kafka_sasl_mechanism or "").upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"{protocol} needs KAFKA_SASL_MECHANISM, one of {', '.join(SASL_MECHANISMS)}")
+        options["sasl_mechanism"] = mechanism
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            if not s.kafka_sasl_username or not s.kafka_sasl_password:
+                raise ValueError(f"SASL {mechanism} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+            options["sasl_plain_username"] = s.kafka_sasl_username
+            options["sasl_plain_password"] = s.kafka_sasl_password.get_secret_value()
+        elif mechanism == "OAUTHBEARER":
+            if not (s.kafka_sasl_oauth_token_url and s.kafka_sasl_oauth_client_id and s.kafka_sasl_oauth_client_secret):
+                raise ValueError("SASL OAUTHBEARER needs KAFKA_SASL_OAUTH_TOKEN_URL, KAFKA_SASL_OAUTH_CLIENT_ID and "
+                                 "KAFKA_SASL_OAUTH_CLIENT_SECRET")
+            options["sasl_oauth_token_provider"] = ClientCredentialsTokens(
+                s.kafka_sasl_oauth_token_url, s.kafka_sasl_oauth_client_id,
+                s.kafka_sasl_oauth_client_secret.get_secret_value(), s.kafka_sasl_oauth_scope)
+        # AWS_MSK_IAM signs with the AWS credentials of the environment (botocore's chain: the
+        # Lambda's or the pod's role), nothing to pass.
+    return options
+
+
+class ClientCredentialsTokens(AbstractTokenProvider):
+    """OAUTHBEARER tokens from an OAuth 2 token endpoint (client-credentials grant), renewed before they expire."""
+
+    def __init__(self, token_url: str, client_id: str, client_secret: str, scope: str | None = None,
+                 timeout_s: float = 10.0):
+        self.token_url, self.client_id, self.scope, self.timeout_s = token_url, client_id, scope, timeout_s
+        self._secret = client_secret
+        self._token, self._renew_at = "", 0.0
+
+    def __repr__(self) -> str:  # never the secret
+        return f"ClientCredentialsTokens({self.token_url!r}, client_id={self.client_id!r})"
+
+    def token(self) -> str:
+        import httpx
+
+        if self._token and time.monotonic() < self._renew_at:
+            return self._token
+        form = {"grant_type": "client_credentials"} | ({"scope": self.scope} if self.scope else {})
+        response = httpx.post(self.token_url, data=form, auth=(self.client_id, self._secret), timeout=self.timeout_s)
+        response.raise_for_status()
+        body = response.json()
+        self._token = body["access_token"]
+        # Renew at 80% of the lifetime, so a connection made just before expiry still authenticates.
+        self._renew_at = time.monotonic() + 0.8 * float(body.get("expires_in", 300))
+        return self._token
+
+
 def pipeline_topics() -> list[str]:
     return [t for topic in ALL_TOPICS for t in (topic, dlq_topic(topic))]
 
 
 def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | None = None) -> None:
     """Create the pipeline topics (and their DLQs) if they don't exist yet."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="lookalike-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="lookalike-admin", **kafka_options())
     try:
         existing = set(admin.list_topics())
         wanted = [t for t in (topics or pipeline_topics()) if t not in existing]
@@ -126,6 +200,7 @@ def make_producer(bootstrap_servers: str, client_id: str = "lookalike") -> Kafka
         linger_ms=2,
         retries=5,
         max_request_size=MAX_MESSAGE_BYTES,
+        **kafka_options(),
     )
 
 
@@ -153,6 +228,7 @@ def make_consumer(
         # Only ensure_topics creates topics (with our partition count and size limit): a consumer
         # of a broker that lost its topics must not recreate them with the broker's defaults.
         allow_auto_create_topics=False,
+        **kafka_options(),
     )
     if topics:
         consumer.subscribe(topics)
@@ -182,7 +258,7 @@ def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> 
     The end is resolved before returning, so whatever is published afterwards (e.g. the
     answer to a request sent next) is read, and nothing from before."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, client_id=client_id)
+                             fetch_max_wait_ms=50, client_id=client_id, **kafka_options())
     tps = [tp for topic in topics for tp in topic_partitions(consumer, topic)]
     consumer.assign(tps)
     consumer.seek_to_end(*tps)
@@ -211,7 +287,7 @@ class OffsetReader:
         if group_id not in self._consumers:
             self._consumers[group_id] = KafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers, group_id=group_id, enable_auto_commit=False,
-                client_id="lookalike-offsets")
+                client_id="lookalike-offsets", **kafka_options())
         return self._consumers[group_id]
 
     def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:

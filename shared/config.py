@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lookalike.shared import limits
@@ -15,8 +15,8 @@ class Settings(BaseSettings):
 
     # Services: unset means "embedded" (Tansu subprocess, Qdrant Edge in-process).
     kafka_bootstrap_servers: str | None = None
-    qdrant_url: str | None = None
-    qdrant_api_key: str | None = None
+    qdrant_url: str | None = None  # https://... for TLS (Qdrant Cloud, a secured cluster)
+    qdrant_api_key: SecretStr | None = None
     data_dir: Path = Field(default=Path("data"), validation_alias=AliasChoices("LOOKALIKE_DATA_DIR"))
 
     # Models.
@@ -41,7 +41,26 @@ class Settings(BaseSettings):
     detect_exclude: str = ""
     distance: str = "cosine"  # cosine or euclid (a collection option)
 
+    # Secured Kafka (MSK, Confluent Cloud, Aiven): every Kafka client of every component
+    # (functions, gateway, CLI, Lambda adapter) takes these through shared.bus.kafka_options().
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    kafka_sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER, AWS_MSK_IAM
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # OAUTHBEARER: tokens from this OAuth 2 token endpoint (client-credentials grant).
+    kafka_sasl_oauth_token_url: str | None = None
+    kafka_sasl_oauth_client_id: str | None = None
+    kafka_sasl_oauth_client_secret: SecretStr | None = None
+    kafka_sasl_oauth_scope: str | None = None
+    kafka_ssl_cafile: str | None = None  # the cluster's CA when it is not in the system store
+    kafka_ssl_certfile: str | None = None  # mutual TLS: this client's certificate and key
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_password: SecretStr | None = None
+
     log_level: str = "INFO"  # LOG_LEVEL, for the function and gateway processes
+    log_format: str = "text"  # text, or json (one object per line, for log shippers)
+    # Function processes serve Prometheus metrics on this port (0: off); the gateway serves /metrics.
+    metrics_port: int = 9100
 
     # Kafka runtime.
     topic_partitions: int = 4
@@ -84,6 +103,11 @@ class Settings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080  # 0: any free port
     gateway_timeout_s: float = 30.0  # a search without an answer by then gets 504
+    # For a gateway that faces the internet. API keys: comma-separated; when set, /api/* needs
+    # one in the X-API-Key header (the page, /healthz and /metrics stay open).
+    gateway_api_keys: SecretStr | None = None
+    gateway_cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser ("*": any)
+    gateway_rate_limit_per_min: int = 0  # searches + recommendations per client (API key, else address); 0: off
 
     def detector_labels(self) -> dict:
         """``load_detector`` keyword arguments for the label settings."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
 from lookalike.shared.stores.base import CollectionSpec, Hit, PointRecord, VectorStore
 
 if TYPE_CHECKING:
@@ -30,12 +32,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(qdrant_url: str | None, data_dir: Path, api_key: str | None = None) -> VectorStore:
-    """A Qdrant server store when ``qdrant_url`` is set (``":memory:"`` allowed), else Qdrant Edge
-    under ``data_dir / "qdrant-edge"``."""
+def open_store(qdrant_url: str | None, data_dir: Path, api_key: SecretStr | str | None = None) -> VectorStore:
+    """A Qdrant server store when ``qdrant_url`` is set (``":memory:"`` allowed; ``https://`` for TLS),
+    else Qdrant Edge under ``data_dir / "qdrant-edge"``."""
     if qdrant_url:
         from lookalike.shared.stores.client import QdrantClientStore
 
+        if isinstance(api_key, SecretStr):
+            api_key = api_key.get_secret_value()
         return QdrantClientStore(qdrant_url, api_key=api_key)
     from lookalike.shared.stores.edge import EdgeStore
 
