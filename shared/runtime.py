@@ -229,7 +229,7 @@ class Runner:
                     continue
                 records += self._linger(consumer, len(records))
                 try:
-                    commits, retries = self._process(records, producer)
+                    commits, retries = self.process_batch(records, producer)
                 except (TransientError, KafkaError) as e:
                     # The store or the broker failed: nobody's record is at fault. Retry the
                     # whole batch, uncapped, with backoff; never dead-letter good data for it.
@@ -284,8 +284,12 @@ class Runner:
 
     # ------------------------------------------------------------------ one batch
 
-    def _process(self, records: list, producer) -> tuple[dict, dict]:
-        """Handle, produce and return (offsets to commit, partitions to retry from: (offset, delay))."""
+    def process_batch(self, records: list, producer) -> tuple[dict, dict]:
+        """Handle, produce and return (offsets to commit, partitions to retry from: (offset, delay)).
+
+        ``records`` need only Kafka's record fields (topic, partition, offset, key, value, headers),
+        so entries that are not a consumer's (a Lambda event's records) go through the same rules.
+        """
         outcomes: list[Outcome | _Retry | None] = [None] * len(records)
         parsed: dict[str, list[tuple[int, Any]]] = collections.defaultdict(list)
         for i, record in enumerate(records):
