@@ -91,7 +91,8 @@ def run_function(name: str) -> None:
     if not settings.kafka_bootstrap_servers:
         raise SystemExit("KAFKA_BOOTSTRAP_SERVERS is not set: a function run alone joins an existing broker "
                          "(or use `lookalike up` for the embedded stack)")
-    ensure_topics(settings.kafka_bootstrap_servers, settings.topic_partitions)
+    ensure_topics(settings.kafka_bootstrap_servers, settings.topic_partitions,
+                  replication_factor=settings.topic_replication_factor)
     resources = Resources.load(settings, (name,))
     supervisors = supervise(resources.build(name), settings, settings.kafka_bootstrap_servers)
     # SIGTERM: finish the batch in hand, commit, exit.

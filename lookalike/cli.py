@@ -61,7 +61,7 @@ def cmd_index(args, settings: Settings) -> None:
     from lookalike.client import Client, read_catalog
     from lookalike.shared.messages import CATALOG_EVENTS
 
-    client = Client(_bootstrap(settings), settings.topic_partitions)
+    client = Client(_bootstrap(settings), settings.topic_partitions, settings.topic_replication_factor)
     try:
         events = read_catalog(Path(args.file))
         if args.no_wait:
@@ -86,7 +86,7 @@ def cmd_index(args, settings: Settings) -> None:
 def cmd_search(args, settings: Settings) -> None:
     from lookalike.client import Client, format_result
 
-    client = Client(_bootstrap(settings), settings.topic_partitions)
+    client = Client(_bootstrap(settings), settings.topic_partitions, settings.topic_replication_factor)
     try:
         box = Box(x1=args.box[0], y1=args.box[1], x2=args.box[2], y2=args.box[3]) if args.box else None
         start = time.monotonic()
@@ -106,7 +106,7 @@ def cmd_status(args, settings: Settings) -> None:
     from lookalike.client import Client
     from lookalike.stack import read_stack_file
 
-    client = Client(_bootstrap(settings), settings.topic_partitions)
+    client = Client(_bootstrap(settings), settings.topic_partitions, settings.topic_replication_factor)
     status = client.status()
     info = read_stack_file(settings.data_dir) or {}
     status["store"] = {k: info.get(k) for k in ("store", "model", "collection", "points", "notes")}
@@ -138,7 +138,7 @@ def cmd_dlq(args, settings: Settings) -> None:
     topic = args.topic.removesuffix(".dlq")
     if topic not in ALL_TOPICS:
         raise ValueError(f"unknown topic {args.topic!r}; topics with a DLQ: {', '.join(ALL_TOPICS)}")
-    client = Client(_bootstrap(settings), settings.topic_partitions)
+    client = Client(_bootstrap(settings), settings.topic_partitions, settings.topic_replication_factor)
     try:
         if args.action == "show":
             records = client.dlq_records(topic)

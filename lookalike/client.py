@@ -115,9 +115,10 @@ class IndexReport:
 
 
 class Client:
-    def __init__(self, bootstrap_servers: str, topic_partitions: int = 4):
+    def __init__(self, bootstrap_servers: str, topic_partitions: int = 4, replication_factor: int = 1):
         self.bootstrap_servers = bootstrap_servers
         self.topic_partitions = topic_partitions  # for topics it has to create (a broker that lost them)
+        self.replication_factor = replication_factor
         self._producer = None
         self.offsets = OffsetReader(bootstrap_servers)
         self._replies: ReplyListener | None = None
@@ -153,7 +154,7 @@ class Client:
         report = IndexReport()
         start = time.monotonic()
         # A memory-only broker that restarted has lost its topics: recreate them before watching.
-        ensure_topics(self.bootstrap_servers, self.topic_partitions)
+        ensure_topics(self.bootstrap_servers, self.topic_partitions, replication_factor=self.replication_factor)
         # Opened before publishing: every report we need comes after its position.
         watcher = tail_consumer(self.bootstrap_servers, [CATALOG_INDEXED, dlq_topic(CATALOG_EVENTS)], "lookalike-cli")
         try:

@@ -171,7 +171,8 @@ def pipeline_topics() -> list[str]:
     return [t for topic in ALL_TOPICS for t in (topic, dlq_topic(topic))]
 
 
-def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | None = None) -> None:
+def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | None = None,
+                  replication_factor: int = 1) -> None:
     """Create the pipeline topics (and their DLQs) if they don't exist yet."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="lookalike-admin", **kafka_options())
     try:
@@ -180,7 +181,7 @@ def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | N
         if wanted:
             # DLQs need no parallelism; one partition keeps them easy to read in order.
             # max.message.bytes: a real Kafka's default (1 MB) is below our wire limit.
-            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, 1,
+            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, replication_factor,
                             topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)}) for t in wanted]
             try:
                 admin.create_topics(new)

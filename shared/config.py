@@ -64,6 +64,7 @@ class Settings(BaseSettings):
 
     # Kafka runtime.
     topic_partitions: int = 4
+    topic_replication_factor: int = 1  # 3 on a production cluster (each partition on three brokers)
     poll_max_records: int = 32
     poll_timeout_ms: int = 200
     # A batch function (embed) may wait up to this long after its first record for a fuller
