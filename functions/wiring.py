@@ -12,7 +12,8 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
-from lookalike.shared.bus import ensure_topics
+from lookalike.shared import metrics
+from lookalike.shared.bus import OffsetReader, ensure_topics
 from lookalike.shared.config import Settings
 from lookalike.shared.logs import setup_logging
 from lookalike.shared.runtime import Function, Runner, Supervisor
@@ -58,6 +59,8 @@ class Resources:
                                          **settings.embedder_options())
             res.notes.append(f"embedder {res.model_id} on {res.embedder.device} "
                              f"({res.embedder.precision}, {res.embedder.runtime})")
+            metrics.MODEL.info({"model": res.model_id, "device": res.embedder.device,
+                                "precision": res.embedder.precision, "runtime": res.embedder.runtime})
         if "detect" in names:
             from lookalike.shared.detector import load_detector
 
@@ -87,7 +90,7 @@ class Resources:
 def run_function(name: str) -> None:
     """Entry point of ``python -m lookalike.functions <name>``: one function, configured by env vars."""
     settings = Settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if not settings.kafka_bootstrap_servers:
         raise SystemExit("KAFKA_BOOTSTRAP_SERVERS is not set: a function run alone joins an existing broker "
                          "(or use `lookalike up` for the embedded stack)")
@@ -95,6 +98,7 @@ def run_function(name: str) -> None:
                   replication_factor=settings.topic_replication_factor)
     resources = Resources.load(settings, (name,))
     supervisors = supervise(resources.build(name), settings, settings.kafka_bootstrap_servers)
+    server = serve_metrics(supervisors, resources, settings) if settings.metrics_port else None
     # SIGTERM: finish the batch in hand, commit, exit.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -106,6 +110,8 @@ def run_function(name: str) -> None:
             supervisor.runner.stop()
         for supervisor in supervisors:
             supervisor.stop()
+        if server is not None:
+            server.shutdown()
         if resources.store:
             resources.store.close()
 
@@ -119,3 +125,23 @@ def supervise(fn: Function, settings: Settings, bootstrap_servers: str) -> list[
     ]
 
 
+
+
+def serve_metrics(supervisors: list[Supervisor], resources: Resources, settings: Settings):
+    """``/metrics`` and ``/healthz`` of this function process on ``METRICS_PORT`` (probes and Prometheus)."""
+    offsets = OffsetReader(settings.kafka_bootstrap_servers)
+
+    def health() -> tuple[bool, dict]:
+        lanes = {s.runner.name: s.health() for s in supervisors}
+        return all(h["ok"] for h in lanes.values()), lanes
+
+    def refresh() -> None:
+        for supervisor in supervisors:
+            runner = supervisor.runner
+            metrics.FUNCTION_UP.labels(runner.name).set(1 if supervisor.health()["ok"] else 0)
+            for topic, lag in offsets.lag(runner.group_id, list(runner.routes)).items():
+                metrics.CONSUMER_LAG.labels(runner.group_id, topic).set(lag)
+        if resources.store is not None:
+            metrics.STORE_POINTS.labels(resources.collection).set(resources.store.count(resources.collection))
+
+    return metrics.serve(settings.metrics_port, health, refresh)

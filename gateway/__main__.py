@@ -15,7 +15,7 @@ from lookalike.shared.stores import open_store
 
 def main() -> None:
     settings = Settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if not settings.kafka_bootstrap_servers or not settings.qdrant_url:
         raise SystemExit("the gateway alone needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL "
                          "(or use `lookalike up`, which serves it in the embedded stack)")

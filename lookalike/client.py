@@ -14,7 +14,14 @@ from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata
 from pydantic import TypeAdapter
 
-from lookalike.shared.bus import OffsetReader, ensure_topics, kafka_options, make_producer, tail_consumer, topic_partitions
+from lookalike.shared.bus import (
+    OffsetReader,
+    ensure_topics,
+    kafka_options,
+    make_producer,
+    tail_consumer,
+    topic_partitions,
+)
 from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import normalize
@@ -37,6 +44,7 @@ from lookalike.shared.messages import (
 )
 from lookalike.shared.replies import ReplyListener
 from lookalike.shared.runtime import CONSUMER_GROUPS
+from lookalike.shared.tracing import origin_headers
 
 # The index path, stage by stage: (consumer group, its input topic).
 INDEX_STAGES = tuple((group, CONSUMER_GROUPS[group][0])
@@ -137,7 +145,8 @@ class Client:
             self._replies.stop()
 
     def publish(self, topic: str, messages: Iterable[Message]) -> int:
-        futures = [self.producer.send(topic, key=m.key().encode(), value=m.to_bytes()) for m in messages]
+        futures = [self.producer.send(topic, key=m.key().encode(), value=m.to_bytes(),
+                                      headers=origin_headers(f"publish {topic}")) for m in messages]
         self.producer.flush(timeout=60)
         for f in futures:
             f.get(timeout=30)
@@ -159,7 +168,8 @@ class Client:
         watcher = tail_consumer(self.bootstrap_servers, [CATALOG_INDEXED, dlq_topic(CATALOG_EVENTS)], "lookalike-cli")
         try:
             send = self.producer.send
-            futures = [(e, send(CATALOG_EVENTS, key=e.key().encode(), value=e.to_bytes())) for e in events]
+            futures = [(e, send(CATALOG_EVENTS, key=e.key().encode(), value=e.to_bytes(),
+                                headers=origin_headers("lookalike index", product_id=e.product_id))) for e in events]
             self.producer.flush(timeout=60)
             by_event: dict[str, int] = collections.Counter()
             by_source: dict[str, Message] = {}

@@ -8,7 +8,17 @@ the gateway (a test checks it).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
+
+log = logging.getLogger("lookalike.metrics")
+REFRESH_EVERY_S = 5.0
 
 # Outcome of each record a runner finished: handled (outputs produced), dead_lettered, retried
 # (a record-level failure that will be tried again after a backoff).
@@ -31,10 +41,56 @@ CONSUMER_LAG = Gauge("lookalike_consumer_lag", "Records not yet committed by the
 STORE_POINTS = Gauge("lookalike_store_points", "Points in the vector collection", ["collection"])
 LAST_PROGRESS = Gauge("lookalike_last_progress_timestamp_seconds",
                       "Unix time of the function's last finished batch", ["function"])
-FUNCTION_UP = Gauge("lookalike_function_up", "1 while the function's runner is running, 0 while it restarts or is stuck",
+FUNCTION_UP = Gauge("lookalike_function_up", "1 while the function's runner is healthy, 0 while it restarts or hangs",
                     ["function"])
 MODEL = Info("lookalike_model", "The embedding model this process serves")
 
 # Every metric name a dashboard or an alert may use (the ``_total``/``_bucket`` suffixes are Prometheus's).
 FUNCTION_METRICS = (RECORDS, BATCH_RETRIES, HANDLER_SECONDS, END_TO_END_SECONDS, BATCH_SIZE, CONSUMER_LAG,
                     STORE_POINTS, LAST_PROGRESS, FUNCTION_UP, MODEL)
+
+
+def serve(port: int, health: Callable[[], tuple[bool, dict]], refresh: Callable[[], None] | None = None,
+          host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Serve ``/metrics`` (Prometheus) and ``/healthz`` (200 or 503, JSON) in a daemon thread.
+
+    ``refresh`` updates the gauges that are read on demand (lag, points) before a scrape; it is
+    called at most every ``REFRESH_EVERY_S`` so that frequent scrapes do not load the broker.
+    Listens on every interface like ``prometheus_client.start_http_server``: in a container
+    that is what a scraper and a probe reach; nothing secret is served.
+    """
+    refreshed = [0.0]
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            if self.path == "/metrics":
+                with lock:
+                    if refresh is not None and time.monotonic() - refreshed[0] >= REFRESH_EVERY_S:
+                        refreshed[0] = time.monotonic()
+                        try:
+                            refresh()
+                        except Exception as e:  # noqa: BLE001 - a broker hiccup must not fail the scrape
+                            log.warning("metrics refresh failed: %s", e)
+                self._answer(200, CONTENT_TYPE_LATEST, generate_latest())
+            elif self.path == "/healthz":
+                ok, detail = health()
+                self._answer(200 if ok else 503, "application/json", json.dumps(detail).encode())
+            else:
+                self._answer(404, "text/plain", b"not found\n")
+
+        def _answer(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes and probes every few seconds: not worth a log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics and health on http://%s:%d/metrics, /healthz", host, server.server_address[1])
+    return server

@@ -44,8 +44,10 @@ from typing import Any, Callable, Sequence
 
 from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
+from lookalike.shared import metrics
 from lookalike.shared.bus import make_consumer, make_producer
 from lookalike.shared.errors import PoisonMessage, SourceUnavailable, TransientError, describe_errors
 from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
@@ -59,6 +61,7 @@ from lookalike.shared.messages import (
     Message,
     dlq_topic,
 )
+from lookalike.shared.tracing import start_span, trace_headers
 
 log = logging.getLogger("lookalike.runtime")
 
@@ -228,12 +231,14 @@ class Runner:
                 if not records:
                     continue
                 records += self._linger(consumer, len(records))
+                metrics.BATCH_SIZE.labels(self.name).observe(len(records))
                 try:
                     commits, retries = self.process_batch(records, producer)
                 except (TransientError, KafkaError) as e:
                     # The store or the broker failed: nobody's record is at fault. Retry the
                     # whole batch, uncapped, with backoff; never dead-letter good data for it.
                     counters["retries"] += 1
+                    metrics.BATCH_RETRIES.labels(self.name).inc()
                     self.failing_since = self.failing_since or time.monotonic()
                     self.last_error = f"{type(e).__name__}: {e}"[:500]
                     log.warning("%s: batch of %d will be retried in %.1fs: %s", self.name, len(records), backoff, e)
@@ -254,6 +259,7 @@ class Runner:
                         # The group rebalanced under us: the new owner re-reads from the last commit.
                         log.warning("%s: commit failed (%s); records will be redelivered", self.name, e)
                 counters["batches"] += 1
+                metrics.LAST_PROGRESS.labels(self.name).set_to_current_time()
         finally:
             try:
                 producer.flush(timeout=10)
@@ -290,6 +296,17 @@ class Runner:
         ``records`` need only Kafka's record fields (topic, partition, offset, key, value, headers),
         so entries that are not a consumer's (a Lambda event's records) go through the same rules.
         """
+        # One span per record, continuing the trace its headers carry; outputs carry it on.
+        spans = [start_span(f"{self.name} {r.topic}", r.headers, **{"messaging.kafka.offset": r.offset,
+                                                                    "messaging.destination": r.topic})
+                 for r in records]
+        try:
+            return self._process(records, producer, spans)
+        finally:
+            for span in spans:
+                span.end()
+
+    def _process(self, records: list, producer, spans: list) -> tuple[dict, dict]:
         outcomes: list[Outcome | _Retry | None] = [None] * len(records)
         parsed: dict[str, list[tuple[int, Any]]] = collections.defaultdict(list)
         for i, record in enumerate(records):
@@ -299,10 +316,12 @@ class Runner:
                 outcomes[i] = e
         for topic, items in parsed.items():
             route = self.routes[topic]
+            started = time.perf_counter()
             if route.batch:
-                self._handle_batch(route, records, items, outcomes)
+                self._handle_batch(route, records, items, outcomes, spans)
             else:
-                self._handle_each(route, records, items, outcomes)
+                self._handle_each(route, records, items, outcomes, spans)
+            metrics.HANDLER_SECONDS.labels(self.name, topic).observe(time.perf_counter() - started)
 
         # Per partition, records are done in order up to the first one to retry; nothing
         # after it is produced or committed, so per-key order holds.
@@ -317,21 +336,28 @@ class Runner:
 
         futures = []
         counters = self.function.counters
+        span_of = {id(r): span for r, span in zip(records, spans)}
+        outcome_of: dict[int, str] = {}
         for record, outcome in done:
             counters["records"] += 1
+            span = span_of[id(record)]
             if not isinstance(outcome, PoisonMessage):
                 sends = [(emit.topic, emit.message.key().encode(), emit.message.to_bytes()) for emit in outcome or ()]
                 oversized = next(((t, len(v)) for t, k, v in sends if not fits_message(k, v)), None)
                 if oversized is None:
+                    headers = trace_headers(span)
                     for topic, key, value in sends:
                         counters[f"emitted:{topic}"] += 1
-                        futures.append((record, producer.send(topic, key=key, value=value)))
+                        futures.append((record, producer.send(topic, key=key, value=value, headers=headers)))
+                    outcome_of[id(record)] = "handled"
                     continue
                 outcome = PoisonMessage(f"output to {oversized[0]} would be {oversized[1]} bytes, over the "
                                         f"{MAX_MESSAGE_BYTES}-byte message limit")
             counters["dead_lettered"] += 1
-            log.warning("%s: %s[%d]@%d dead-lettered: %s", self.name, record.topic, record.partition,
-                        record.offset, outcome)
+            outcome_of[id(record)] = "dead_lettered"
+            with trace.use_span(span, end_on_exit=False):  # the line carries the record's trace id
+                log.warning("%s: %s[%d]@%d dead-lettered: %s", self.name, record.topic, record.partition,
+                            record.offset, outcome)
             futures.append((record, producer.send(dlq_topic(record.topic), key=record.key, value=record.value,
                                                   headers=_dlq_headers(record, outcome, self.name))))
         producer.flush(timeout=30)
@@ -350,37 +376,54 @@ class Runner:
             producer.flush(timeout=30)
             for future in dlq:
                 future.get(timeout=30)
+            for record, _ in refused.values():
+                outcome_of[id(record)] = "dead_lettered"
+        self._observe(done, outcome_of, records, outcomes)
         for record, _ in done:
             self._attempts.pop((record.topic, record.partition, record.offset), None)
         commits = {tp: OffsetAndMetadata(offset + 1, "", -1)
                    for tp, offset in _last_offsets([r for r, _ in done]).items()}
         return commits, retries
 
+    def _observe(self, done: list, outcome_of: dict[int, str], records: list, outcomes: list) -> None:
+        """Metrics of a finished batch: each record's outcome, and its age now that its outputs are acknowledged."""
+        now_ms = time.time() * 1000
+        for record, _ in done:
+            metrics.RECORDS.labels(self.name, record.topic, outcome_of[id(record)]).inc()
+            if getattr(record, "timestamp", None):  # Kafka's producer timestamp, ms
+                metrics.END_TO_END_SECONDS.labels(self.name, record.topic).observe(max(0.0, now_ms - record.timestamp)
+                                                                                  / 1000)
+        for record, outcome in zip(records, outcomes):
+            if isinstance(outcome, _Retry):
+                metrics.RECORDS.labels(self.name, record.topic, "retried").inc()
+
     def _handle_each(self, route: Route, records: list, items: list[tuple[int, Any]], outcomes: list,
-                     single: bool = False) -> None:
+                     spans: list, single: bool = False) -> None:
         """Records one at a time (``single``: through a batch handler, as batches of one)."""
         waiting: set[tuple[str, int]] = set()  # partitions with a record to retry: the rest of them waits
         for i, msg in items:
             record = records[i]
             if (record.topic, record.partition) in waiting:
                 continue
-            outcomes[i] = self._attempt(record, (lambda: route.handle([msg])[0]) if single else
-                                        (lambda: route.handle(msg)))
+            with trace.use_span(spans[i], end_on_exit=False):  # its log lines carry its trace id
+                outcomes[i] = self._attempt(record, (lambda: route.handle([msg])[0]) if single else
+                                            (lambda: route.handle(msg)))
             if isinstance(outcomes[i], _Retry):
                 waiting.add((record.topic, record.partition))
 
-    def _handle_batch(self, route: Route, records: list, items: list[tuple[int, Any]], outcomes: list) -> None:
+    def _handle_batch(self, route: Route, records: list, items: list[tuple[int, Any]], outcomes: list,
+                      spans: list) -> None:
         try:
             results = route.handle([msg for _, msg in items])
             if len(results) != len(items):
                 raise RuntimeError(f"batch handler returned {len(results)} outcomes for {len(items)} messages")
         except TransientError as e:
             if isinstance(e, SourceUnavailable):  # a record's own problem: find which one, as below
-                return self._handle_each(route, records, items, outcomes, single=True)
+                return self._handle_each(route, records, items, outcomes, spans, single=True)
             raise
         except Exception as e:
             log.warning("%s: batch handler failed (%r); handling the %d records one by one", self.name, e, len(items))
-            return self._handle_each(route, records, items, outcomes, single=True)
+            return self._handle_each(route, records, items, outcomes, spans, single=True)
         for (i, _), result in zip(items, results):
             outcomes[i] = result
 
