@@ -144,4 +144,8 @@ def serve_metrics(supervisors: list[Supervisor], resources: Resources, settings:
         if resources.store is not None:
             metrics.STORE_POINTS.labels(resources.collection).set(resources.store.count(resources.collection))
 
-    return metrics.serve(settings.metrics_port, health, refresh)
+    try:
+        return metrics.serve(settings.metrics_port, health, refresh)
+    except OSError as e:
+        raise SystemExit(f"cannot serve metrics on METRICS_PORT={settings.metrics_port} ({e}): "
+                         "set a free port, or 0 to turn metrics off") from None

