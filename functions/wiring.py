@@ -48,7 +48,7 @@ class Resources:
                    "resnet50 weights are not available offline; set EMBED_WEIGHTS or put them in torch's cache")
             res.notes.append(f"EMBED_MODEL=auto chose {res.model_id} ({why})")
         if {"ingest", "embed", "query"} & set(names):
-            res.store = open_store(settings.qdrant_url, settings.data_dir, api_key=settings.qdrant_api_key)
+            res.store = open_store(settings.qdrant_url, settings.data_dir, **settings.qdrant_options())
             res.store.ensure_collection(CollectionSpec(res.collection, REGISTRY[res.model_id].dim, settings.distance))
         if "embed" in names:
             from lookalike.shared.embedders import load_embedder

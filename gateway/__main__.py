@@ -19,7 +19,7 @@ def main() -> None:
     if not settings.kafka_bootstrap_servers or not settings.qdrant_url:
         raise SystemExit("the gateway alone needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL "
                          "(or use `lookalike up`, which serves it in the embedded stack)")
-    store = open_store(settings.qdrant_url, settings.data_dir, api_key=settings.qdrant_api_key)
+    store = open_store(settings.qdrant_url, settings.data_dir, **settings.qdrant_options())
     collection = settings.collection_name(resolve_model_id(settings.embed_model, **settings.embedder_options()))
     app = create_app(settings.kafka_bootstrap_servers, store, collection, settings)
     uvicorn.run(app, host=settings.gateway_host, port=settings.gateway_port, log_level="warning")

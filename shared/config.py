@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = None
     qdrant_url: str | None = None  # https://... for TLS (Qdrant Cloud, a secured cluster)
     qdrant_api_key: SecretStr | None = None
+    # Collections lookalike creates on a Qdrant server or cluster (the embedded store ignores them).
+    qdrant_shards: int = 1  # a cluster: at least its node count, so every node serves a part
+    qdrant_replication_factor: int = 1  # 2 or more on a cluster: a node can go down without losing searches
+    qdrant_quantization: str = "none"  # none, int8 (4x less RAM, float vectors on disk rescore) or binary
     data_dir: Path = Field(default=Path("data"), validation_alias=AliasChoices("LOOKALIKE_DATA_DIR"))
 
     # Models.
@@ -121,6 +125,11 @@ class Settings(BaseSettings):
             "product_labels": split(self.detect_labels) or None,
             "exclude_labels": split(self.detect_exclude) or NOT_PRODUCTS,
         }
+
+    def qdrant_options(self) -> dict:
+        """``open_store`` keyword arguments for a Qdrant server."""
+        return {"api_key": self.qdrant_api_key, "shards": self.qdrant_shards,
+                "replication_factor": self.qdrant_replication_factor, "quantization": self.qdrant_quantization}
 
     def models_dir(self) -> Path:
         return self.models_dir_setting or self.data_dir / "models"

@@ -281,3 +281,25 @@ def test_log_lines_carry_the_trace_id_as_text_and_as_json():
     quiet = logging.getLogRecordFactory()("lookalike", logging.INFO, __file__, 1, "started", (), None)
     assert "trace_id" not in json.loads(JsonFormatter().format(quiet))
     assert "trace=" not in TextFormatter().format(quiet)
+
+
+def test_collections_on_a_qdrant_cluster_get_the_configured_shards_replicas_and_quantization(monkeypatch):
+    from lookalike.shared.stores import CollectionSpec, open_store
+
+    monkeypatch.setenv("QDRANT_SHARDS", "6")
+    monkeypatch.setenv("QDRANT_REPLICATION_FACTOR", "2")
+    monkeypatch.setenv("QDRANT_QUANTIZATION", "int8")
+    store = open_store(":memory:", Path("unused"), **Settings().qdrant_options())
+    created = []
+    real_create = store._client.create_collection
+    monkeypatch.setattr(store._client, "create_collection", lambda name, **kw: created.append(kw) or real_create(
+        name, vectors_config=kw["vectors_config"]))
+    store.ensure_collection(CollectionSpec("products", 8, "cosine"))
+    (layout,) = created
+    assert layout["shard_number"] == 6 and layout["replication_factor"] == 2
+    assert layout["write_consistency_factor"] == 2
+    assert layout["vectors_config"].on_disk is True  # float vectors on disk, the int8 copy in RAM rescored from them
+    assert layout["quantization_config"].scalar.always_ram is True
+    monkeypatch.setenv("QDRANT_QUANTIZATION", "fp8")
+    with pytest.raises(ValueError, match="QDRANT_QUANTIZATION must be one of"):
+        open_store(":memory:", Path("unused"), **Settings().qdrant_options())

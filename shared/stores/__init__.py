@@ -32,15 +32,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(qdrant_url: str | None, data_dir: Path, api_key: SecretStr | str | None = None) -> VectorStore:
+def open_store(qdrant_url: str | None, data_dir: Path, api_key: SecretStr | str | None = None,
+               **server_options: Any) -> VectorStore:
     """A Qdrant server store when ``qdrant_url`` is set (``":memory:"`` allowed; ``https://`` for TLS),
-    else Qdrant Edge under ``data_dir / "qdrant-edge"``."""
+    else Qdrant Edge under ``data_dir / "qdrant-edge"``. ``server_options``: ``QdrantClientStore``'s
+    collection layout (``Settings.qdrant_options()``), for a server only."""
     if qdrant_url:
         from lookalike.shared.stores.client import QdrantClientStore
 
         if isinstance(api_key, SecretStr):
             api_key = api_key.get_secret_value()
-        return QdrantClientStore(qdrant_url, api_key=api_key)
+        return QdrantClientStore(qdrant_url, api_key=api_key, **server_options)
     from lookalike.shared.stores.edge import EdgeStore
 
     return EdgeStore(Path(data_dir) / "qdrant-edge")

@@ -37,6 +37,16 @@ except ImportError:  # pragma: no cover
     grpc = None
 
 _DISTANCES = {"cosine": models.Distance.COSINE, "euclid": models.Distance.EUCLID}
+
+
+def _quantization(kind: str) -> models.QuantizationConfig | None:
+    """The collection's quantized copy, kept in RAM (the float vectors rescore from disk)."""
+    if kind == "int8":
+        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+    if kind == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    return None
 _INDEX_TYPES = {
     "keyword": models.PayloadSchemaType.KEYWORD,
     "float": models.PayloadSchemaType.FLOAT,
@@ -44,13 +54,25 @@ _INDEX_TYPES = {
 }
 
 
+QUANTIZATIONS = ("none", "int8", "binary")
+
+
 class QdrantClientStore(VectorStore):
-    """A Qdrant server at ``url`` (``":memory:"``: qdrant-client's local mode)."""
+    """A Qdrant server at ``url`` (``":memory:"``: qdrant-client's local mode).
+
+    Collections it creates on a cluster get ``shards`` and ``replication_factor``, and with
+    ``quantization`` int8 (or binary) the quantized vectors stay in RAM while the float
+    vectors go to disk and rescore the best candidates (sizing: docs/deploy.md).
+    """
 
     backend = "qdrant-client"
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: int = 10) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: int = 10, shards: int = 1,
+                 replication_factor: int = 1, quantization: str = "none") -> None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"QDRANT_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
         self.url = url
+        self.shards, self.replication_factor, self.quantization = shards, replication_factor, quantization
         self._local = url == ":memory:"
         if self._local:
             self._client = QdrantClient(":memory:")
@@ -68,7 +90,13 @@ class QdrantClientStore(VectorStore):
                 try:
                     self._client.create_collection(
                         spec.name,
-                        vectors_config=models.VectorParams(size=spec.dim, distance=_DISTANCES[spec.distance]),
+                        vectors_config=models.VectorParams(size=spec.dim, distance=_DISTANCES[spec.distance],
+                                                           on_disk=self.quantization != "none"),
+                        shard_number=self.shards,
+                        replication_factor=self.replication_factor,
+                        # Two replicas must take a write before it is acknowledged, when there are two.
+                        write_consistency_factor=min(2, self.replication_factor),
+                        quantization_config=_quantization(self.quantization),
                     )
                 except (UnexpectedResponse, ValueError):
                     # Another worker may have created it meanwhile: then verify it below.
