@@ -30,8 +30,8 @@ log = logging.getLogger("lookalike.tracing")
 def setup_tracing() -> None:
     """Give this process a tracer provider (once), so new traces get ids; export if configured."""
     with _setup_lock:
-        if isinstance(trace.get_tracer_provider(), TracerProvider):
-            return
+        if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            return  # ours, or one the embedding application set: keep it
         provider = TracerProvider()
         if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
             try:
@@ -45,7 +45,13 @@ def setup_tracing() -> None:
         trace.set_tracer_provider(provider)
 
 
+_ready = threading.Event()
+
+
 def _tracer() -> trace.Tracer:
+    if not _ready.is_set():  # a library user who never called setup_logging still gets trace ids
+        setup_tracing()
+        _ready.set()
     return trace.get_tracer("lookalike")
 
 

@@ -88,6 +88,31 @@ def test_search_finds_the_product_and_serves_its_thumbnail(api, catalog):
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 160
 
 
+def test_a_search_is_one_trace_from_the_gateway_through_every_function(api, catalog, stack):
+    from kafka import KafkaConsumer
+
+    from lookalike.shared.bus import topic_partitions
+    from lookalike.shared.messages import SEARCH_RESULTS
+
+    # WHEN a shopper searches
+    photo, _ = catalog.queries[0]
+    response = _search(api, photo.read_bytes(), top_k=1)
+    assert response.status_code == 200, response.text
+    trace_id = response.json()["trace_id"]
+    # THEN the answer the query function published (after ingest, detect and embed) continues the
+    # trace the gateway started, and the response names it
+    consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap_servers, enable_auto_commit=False)
+    consumer.assign(topic_partitions(consumer, SEARCH_RESULTS))
+    consumer.seek_to_beginning()
+    traces, deadline = set(), time.monotonic() + 30
+    while trace_id not in traces and time.monotonic() < deadline:
+        for records in consumer.poll(500).values():
+            traces |= {dict(r.headers).get("traceparent", b"").decode().split("-")[1:2][0]
+                       for r in records if dict(r.headers).get("traceparent")}
+    consumer.close()
+    assert len(trace_id) == 32 and trace_id in traces
+
+
 def test_box_search_uses_photo_pixels_even_when_the_pipeline_scales_the_photo(api, catalog):
     # GIVEN a photo larger than IMAGE_MAX_SIDE (three times the sample photo; the pipeline works at 640 px)
     photo, product_id = catalog.queries[1]

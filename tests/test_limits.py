@@ -329,7 +329,11 @@ class FakePipeline:
         self.go.set()
         self.entered = threading.Semaphore(0)
 
-    def __call__(self, topic, message) -> SearchResult:
+    def __call__(self, topic, message) -> tuple[SearchResult, str]:
+        """The gateway's ``request``: (the answer, its trace id)."""
+        return self._answer(topic, message), "0" * 32
+
+    def _answer(self, topic, message) -> SearchResult:
         value = message.to_bytes()
         self.published.append(value)
         self.entered.release()
