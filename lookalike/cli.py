@@ -1,4 +1,4 @@
-"""The ``lookalike`` command: up, index, search, status, demo, eval, finetune, reindex."""
+"""The ``lookalike`` command: up, index, search, status, topics, demo, eval, finetune, reindex."""
 
 from __future__ import annotations
 
@@ -156,6 +156,45 @@ def cmd_dlq(args, settings: Settings) -> None:
         client.close()
 
 
+def cmd_topics(args, settings: Settings) -> None:
+    """Create the pipeline topics and their DLQs ahead of the functions (a deployment step), then list them.
+
+    The functions create missing topics at start too; doing it once first (a compose one-shot
+    service, a Kubernetes Job) gives a cluster its replication factor before any process races.
+    """
+    from kafka import KafkaAdminClient
+
+    from lookalike.shared.bus import ensure_topics, kafka_options, pipeline_topics
+
+    partitions = settings.topic_partitions if args.partitions is None else args.partitions
+    replication_factor = (settings.topic_replication_factor if args.replication_factor is None
+                          else args.replication_factor)
+    if partitions < 1 or replication_factor < 1:
+        raise ValueError("--partitions and --replication-factor must be at least 1")
+    bootstrap = _bootstrap(settings)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lookalike-cli", **kafka_options(settings))
+    try:
+        existed = set(admin.list_topics())
+        ensure_topics(bootstrap, partitions, replication_factor=replication_factor)
+        # A topic just created may have no partition leaders yet for a moment: ask until it has.
+        deadline = time.monotonic() + 30
+        while True:
+            described = {t["name"]: t["partitions"] for t in admin.describe_topics(pipeline_topics())}
+            if all(described.get(name) for name in pipeline_topics()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        admin.close()
+    for name in pipeline_topics():
+        topic_partitions = described.get(name) or []
+        replicas = len(topic_partitions[0]["replica_nodes"]) if topic_partitions else 0
+        print(f"{name:<24} partitions {len(topic_partitions):>3}  replicas {replicas}  "
+              f"{'existed' if name in existed else 'created'}")
+    created = [name for name in pipeline_topics() if name not in existed]
+    print(f"{len(pipeline_topics())} topics on {bootstrap}: {len(created)} created, "
+          f"{len(pipeline_topics()) - len(created)} existed (an existing topic is never changed)")
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -255,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, help="at most this many (show: the last N)")
     p.add_argument("--dry-run", action="store_true", help="replay: list what would be replayed, publish nothing")
 
+    p = sub.add_parser("topics", help="create the pipeline topics and their DLQs on KAFKA_BOOTSTRAP_SERVERS, "
+                                      "then list them (a deployment step)")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--partitions", type=int, help="partitions per topic, DLQs have 1 (default $TOPIC_PARTITIONS)")
+    p.add_argument("--replication-factor", type=int,
+                   help="copies of each partition, 3 on a production cluster (default $TOPIC_REPLICATION_FACTOR)")
+
     p = sub.add_parser("demo", help="index a generated sample catalogue and run a photo search")
     p.add_argument("--products", type=int, default=DEMO_PRODUCTS)
     p.add_argument("--query", type=int, default=0, help="which sample query photo to search with")
@@ -266,13 +312,14 @@ def main(argv: list[str] | None = None) -> None:
     quality_handlers = add_quality_commands(sub)
 
     args = parser.parse_args(argv)
-    setup_logging("INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"))
+    setup_logging("INFO" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING"),
+                  os.environ.get("LOG_FORMAT", "text"))
     if not args.verbose and args.command != "up":
         # Short-lived clients close connections mid-metadata-refresh; kafka-python reports that as an error.
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     settings = Settings(LOOKALIKE_DATA_DIR=args.data_dir) if args.data_dir else Settings()
     handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo,
-                "dlq": cmd_dlq}
+                "dlq": cmd_dlq, "topics": cmd_topics}
     handlers.update(quality_handlers)
     try:
         handlers[args.command](args, settings)

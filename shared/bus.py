@@ -181,8 +181,13 @@ def ensure_topics(bootstrap_servers: str, partitions: int, topics: list[str] | N
         if wanted:
             # DLQs need no parallelism; one partition keeps them easy to read in order.
             # max.message.bytes: a real Kafka's default (1 MB) is below our wire limit.
-            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, replication_factor,
-                            topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)}) for t in wanted]
+            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+            if replication_factor > 1:
+                # acks=all then waits for all but one copy: a write survives the loss of a broker,
+                # and the topic stays writable while one broker is down.
+                configs["min.insync.replicas"] = str(replication_factor - 1)
+            new = [NewTopic(t, 1 if t.endswith(".dlq") else partitions, replication_factor, topic_configs=configs)
+                   for t in wanted]
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
