@@ -38,6 +38,8 @@ BATCH_SIZE = Histogram("lookalike_batch_size", "Records per polled batch", ["fun
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 CONSUMER_LAG = Gauge("lookalike_consumer_lag", "Records not yet committed by the consumer group",
                      ["group", "topic"])
+DLQ_RECORDS = Gauge("lookalike_dlq_records", "Records held in a dead-letter topic (waiting for a fix and a replay)",
+                    ["topic"])
 STORE_POINTS = Gauge("lookalike_store_points", "Points in the vector collection", ["collection"])
 LAST_PROGRESS = Gauge("lookalike_last_progress_timestamp_seconds",
                       "Unix time of the function's last finished batch", ["function"])
@@ -47,7 +49,7 @@ MODEL = Info("lookalike_model", "The embedding model this process serves")
 
 # Every metric name a dashboard or an alert may use (the ``_total``/``_bucket`` suffixes are Prometheus's).
 FUNCTION_METRICS = (RECORDS, BATCH_RETRIES, HANDLER_SECONDS, END_TO_END_SECONDS, BATCH_SIZE, CONSUMER_LAG,
-                    STORE_POINTS, LAST_PROGRESS, FUNCTION_UP, MODEL)
+                    DLQ_RECORDS, STORE_POINTS, LAST_PROGRESS, FUNCTION_UP, MODEL)
 
 
 def serve(port: int, health: Callable[[], tuple[bool, dict]], refresh: Callable[[], None] | None = None,

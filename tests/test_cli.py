@@ -127,6 +127,7 @@ def test_one_function_runs_alone_and_stops_on_sigterm(tmp_path):
         scraped = r.read().decode()
     assert 'lookalike_function_up{function="query"} 1.0' in scraped
     assert 'lookalike_consumer_lag{group="lookalike-query",topic="query.vectors"} 0.0' in scraped
+    assert 'lookalike_dlq_records{topic="recommend.requests.dlq"} 0.0' in scraped
     # WHEN it gets SIGTERM THEN it exits cleanly
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
