@@ -16,7 +16,6 @@ from lookalike.shared import metrics
 from lookalike.shared.bus import OffsetReader, ensure_topics
 from lookalike.shared.config import Settings
 from lookalike.shared.logs import setup_logging
-from lookalike.shared.messages import dlq_topic
 from lookalike.shared.runtime import Function, Runner, Supervisor
 from lookalike.shared.stores import CollectionSpec, VectorStore, open_store
 
@@ -136,17 +135,7 @@ def serve_metrics(supervisors: list[Supervisor], resources: Resources, settings:
         lanes = {s.runner.name: s.health() for s in supervisors}
         return all(h["ok"] for h in lanes.values()), lanes
 
-    def refresh() -> None:
-        for supervisor in supervisors:
-            runner = supervisor.runner
-            metrics.FUNCTION_UP.labels(runner.name).set(1 if supervisor.health()["ok"] else 0)
-            for topic, lag in offsets.lag(runner.group_id, list(runner.routes)).items():
-                metrics.CONSUMER_LAG.labels(runner.group_id, topic).set(lag)
-            for topic, held in offsets.sizes([dlq_topic(t) for t in runner.routes]).items():
-                metrics.DLQ_RECORDS.labels(topic).set(held)
-        if resources.store is not None:
-            metrics.STORE_POINTS.labels(resources.collection).set(resources.store.count(resources.collection))
-
+    refresh = metrics.GaugeRefresher(supervisors, offsets, resources.store, resources.collection)
     try:
         return metrics.serve(settings.metrics_port, health, refresh)
     except OSError as e:

@@ -554,8 +554,10 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: HTTPExcepti
 
 
 def create_app(bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings | None = None,
-               function_health: Callable[[], dict[str, dict]] | None = None) -> FastAPI:
-    """The gateway app; ``function_health`` reports each pipeline function for /healthz (503 if one is not ok)."""
+               function_health: Callable[[], dict[str, dict]] | None = None,
+               refresh_metrics: Callable[[], None] | None = None) -> FastAPI:
+    """The gateway app; ``function_health`` reports each pipeline function for /healthz (503 if one is not ok),
+    ``refresh_metrics`` reads their gauges (lag, dead letters, points) before /metrics answers."""
     settings = settings or Settings()
     keys = api_keys(settings)
     gw = Gateway(bootstrap_servers, store, collection, settings, function_health)
@@ -691,6 +693,8 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         """Prometheus text: the gateway's metrics and, in the embedded stack, the functions' (same registry)."""
+        if refresh_metrics is not None:
+            refresh_metrics()
         return Response(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.get("/", include_in_schema=False)

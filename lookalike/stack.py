@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from lookalike.functions.wiring import FUNCTIONS, Resources, supervise
-from lookalike.shared.bus import TansuBroker, ensure_topics
+from lookalike.shared.bus import OffsetReader, TansuBroker, ensure_topics
 from lookalike.shared.config import Settings
+from lookalike.shared.metrics import GaugeRefresher
 from lookalike.shared.runtime import Function, Supervisor
 
 log = logging.getLogger("lookalike")
@@ -32,6 +33,7 @@ class Stack:
         self.names = names
         self.with_gateway = gateway  # also serve the web page and HTTP API (gateway/) on GATEWAY_HOST:GATEWAY_PORT
         self.gateway = None
+        self._offsets: OffsetReader | None = None  # the gateway's /metrics reads lag with it
         self.broker: TansuBroker | None = None
         self.resources: Resources | None = None
         self.functions: dict[str, Function] = {}
@@ -65,8 +67,11 @@ class Stack:
             from lookalike.gateway.server import GatewayServer
 
             try:
+                self._offsets = OffsetReader(self.bootstrap_servers)
+                refresh = GaugeRefresher(list(self.supervisors.values()), self._offsets, self.resources.store,
+                                         self.resources.collection)
                 app = create_app(self.bootstrap_servers, self.resources.store, self.resources.collection, s,
-                                 function_health=self.health)
+                                 function_health=self.health, refresh_metrics=refresh)
                 self.gateway = GatewayServer(app, s.gateway_host, s.gateway_port).start()
             except Exception:
                 self.stop()  # don't leave the broker and the functions running behind a failed start
@@ -113,6 +118,8 @@ class Stack:
             supervisor.runner.stop()
         for supervisor in self.supervisors.values():
             supervisor.stop()
+        if self._offsets is not None:
+            self._offsets.close()
         if self.resources and self.resources.store:
             self.resources.store.close()
         if self.broker:

@@ -52,28 +52,54 @@ FUNCTION_METRICS = (RECORDS, BATCH_RETRIES, HANDLER_SECONDS, END_TO_END_SECONDS,
                     DLQ_RECORDS, STORE_POINTS, LAST_PROGRESS, FUNCTION_UP, MODEL)
 
 
+class GaugeRefresher:
+    """Reads the gauges that records passing by do not update (health, lag, dead letters, points).
+
+    Called before a scrape; reads at most every ``REFRESH_EVERY_S`` so that frequent scrapes do
+    not load the broker. ``supervisors`` are ``runtime.Supervisor``s, ``offsets`` a ``bus.OffsetReader``.
+    """
+
+    def __init__(self, supervisors: list, offsets, store=None, collection: str = ""):
+        self.supervisors, self.offsets, self.store, self.collection = supervisors, offsets, store, collection
+        self._lock = threading.Lock()
+        self._last = -REFRESH_EVERY_S
+
+    def __call__(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._last < REFRESH_EVERY_S:
+                return
+            self._last = time.monotonic()
+            try:
+                self._read()
+            except Exception as e:  # noqa: BLE001 - a broker hiccup must not fail the scrape
+                log.warning("metrics refresh failed: %s", e)
+
+    def _read(self) -> None:
+        for supervisor in self.supervisors:
+            runner = supervisor.runner
+            FUNCTION_UP.labels(runner.name).set(1 if supervisor.health()["ok"] else 0)
+            for topic, lag in self.offsets.lag(runner.group_id, list(runner.routes)).items():
+                CONSUMER_LAG.labels(runner.group_id, topic).set(lag)
+            for topic, held in self.offsets.sizes([f"{t}.dlq" for t in runner.routes]).items():
+                DLQ_RECORDS.labels(topic).set(held)
+        if self.store is not None:
+            STORE_POINTS.labels(self.collection).set(self.store.count(self.collection))
+
+
 def serve(port: int, health: Callable[[], tuple[bool, dict]], refresh: Callable[[], None] | None = None,
           host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Serve ``/metrics`` (Prometheus) and ``/healthz`` (200 or 503, JSON) in a daemon thread.
 
-    ``refresh`` updates the gauges that are read on demand (lag, points) before a scrape; it is
-    called at most every ``REFRESH_EVERY_S`` so that frequent scrapes do not load the broker.
+    ``refresh`` (a ``GaugeRefresher``) updates the gauges read on demand before each scrape.
     Listens on every interface like ``prometheus_client.start_http_server``: in a container
     that is what a scraper and a probe reach; nothing secret is served.
     """
-    refreshed = [0.0]
-    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
             if self.path == "/metrics":
-                with lock:
-                    if refresh is not None and time.monotonic() - refreshed[0] >= REFRESH_EVERY_S:
-                        refreshed[0] = time.monotonic()
-                        try:
-                            refresh()
-                        except Exception as e:  # noqa: BLE001 - a broker hiccup must not fail the scrape
-                            log.warning("metrics refresh failed: %s", e)
+                if refresh is not None:
+                    refresh()
                 self._answer(200, CONTENT_TYPE_LATEST, generate_latest())
             elif self.path == "/healthz":
                 ok, detail = health()

@@ -239,11 +239,36 @@ def test_a_trace_follows_an_event_through_a_function_and_the_metrics_count_it(ka
     assert _sample("lookalike_batch_size_count", function="echo") >= 1
 
 
-def test_metrics_endpoint_serves_prometheus_text_and_health_turns_503():
+class FakeOffsets:
+    """The broker's view for the gauges: lag and dead letters per topic; counts its reads."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def lag(self, group, topics):
+        self.reads += 1
+        return {t: 7 for t in topics}
+
+    def sizes(self, topics):
+        return {t: 2 for t in topics}
+
+
+class FakeSupervisor:
+    def __init__(self, name, group, topics, ok):
+        self.runner = type("R", (), {"name": name, "group_id": group, "routes": {t: None for t in topics}})()
+        self.ok = ok
+
+    def health(self):
+        return {"ok": self.ok}
+
+
+def test_metrics_endpoint_serves_prometheus_text_with_fresh_gauges_and_health_turns_503():
     healthy = {"ok": True}
-    refreshed = []
-    server = metrics.serve(0, lambda: (healthy["ok"], {"embed": {"ok": healthy["ok"]}}),
-                           refresh=lambda: refreshed.append(1), host="127.0.0.1")
+    offsets = FakeOffsets()
+    refresh = metrics.GaugeRefresher([FakeSupervisor("detect", "lookalike-detect", ["images.normalized"], ok=False)],
+                                     offsets)
+    server = metrics.serve(0, lambda: (healthy["ok"], {"embed": {"ok": healthy["ok"]}}), refresh=refresh,
+                           host="127.0.0.1")
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         metrics.RECORDS.labels("embed", "images.detected", "handled").inc(0)
@@ -251,8 +276,11 @@ def test_metrics_endpoint_serves_prometheus_text_and_health_turns_503():
             text = r.read().decode()
             assert r.headers["Content-Type"].startswith("text/plain")
         assert 'lookalike_records_total{function="embed",outcome="handled",topic="images.detected"}' in text
+        assert 'lookalike_consumer_lag{group="lookalike-detect",topic="images.normalized"} 7.0' in text
+        assert 'lookalike_dlq_records{topic="images.normalized.dlq"} 2.0' in text
+        assert 'lookalike_function_up{function="detect"} 0.0' in text
         urllib.request.urlopen(f"{base}/metrics", timeout=5).read()
-        assert refreshed == [1]  # a second scrape within REFRESH_EVERY_S does not load the broker again
+        assert offsets.reads == 1  # a second scrape within REFRESH_EVERY_S does not load the broker again
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
             assert r.status == 200 and json.loads(r.read())["embed"]["ok"] is True
         healthy["ok"] = False
