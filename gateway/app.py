@@ -66,6 +66,7 @@ from lookalike.shared.errors import PoisonMessage, describe_errors
 from lookalike.shared.images import ImageTooLarge, decode, to_jpeg
 from lookalike.shared.limits import FORM_OVERHEAD_BYTES, MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_TOP_K, fits_message
 from lookalike.shared.messages import (
+    CATALOG_INDEXED,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
     Box,
@@ -82,6 +83,7 @@ from lookalike.shared.stores import VectorStore
 from lookalike.shared.tracing import start_span, trace_headers, trace_id
 
 log = logging.getLogger("lookalike.gateway")
+AS_OF_EVERY_S = 0.5  # how stale "catalogue as of" may be: well within the 1 s a price update may take
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Types that may carry a photo; browsers send application/octet-stream for unknown extensions.
@@ -125,6 +127,9 @@ class Gateway:
         self._offsets: OffsetReader | None = None
         self._lock = threading.Lock()
         self._offsets_lock = threading.Lock()
+        self.catalogue_as_of: float | None = None  # when the last catalogue event was applied (Unix s)
+        self._stop = threading.Event()
+        self._freshness: threading.Thread | None = None
 
     @property
     def producer(self):
@@ -170,6 +175,7 @@ class Gateway:
                 if self._offsets is None:
                     self._offsets = OffsetReader(self.bootstrap_servers)
                 out["lag"] = lag_per_function(self._offsets.group_lags(CONSUMER_GROUPS))
+            out["catalogue_as_of"] = self.catalogue_as_of
             out["broker"] = {"ok": True, "bootstrap_servers": self.bootstrap_servers}
         except Exception as e:
             healthy = False
@@ -186,7 +192,29 @@ class Gateway:
         out["status"] = "ok" if healthy else "unavailable"
         return healthy, scrub(out, self.secrets)  # errors quote other libraries' texts: keep secrets out
 
+    def follow_freshness(self) -> None:
+        """Keep ``catalogue_as_of`` current in a thread of its own: every AS_OF_EVERY_S, the time of the newest
+        catalog.indexed report. Searches and /healthz read the value and never wait for the broker."""
+
+        def loop() -> None:
+            reader = OffsetReader(self.bootstrap_servers)  # its own: the health check's may be busy
+            try:
+                while not self._stop.is_set():
+                    try:
+                        self.catalogue_as_of = reader.latest_timestamp(CATALOG_INDEXED) or self.catalogue_as_of
+                    except Exception as e:  # noqa: BLE001 - the broker may come later
+                        log.debug("catalogue_as_of not read: %s", e)
+                    self._stop.wait(AS_OF_EVERY_S)
+            finally:
+                reader.close()
+
+        self._freshness = threading.Thread(target=loop, name="gateway-freshness", daemon=True)
+        self._freshness.start()
+
     def close(self) -> None:
+        self._stop.set()
+        if self._freshness is not None:
+            self._freshness.join(timeout=10)
         self.listener.stop()
         with self._lock:
             if self._producer is not None:
@@ -568,6 +596,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
             gw.listener.start()
         except Exception as e:  # the broker may come later; requests start the listener again
             log.warning("results listener not started: %s", e)
+        gw.follow_freshness()
         yield
         gw.close()
 
@@ -630,6 +659,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
             raise HTTPException(422, result.error or "the search failed")
         out = _enrich(result, scale)
         out["trace_id"] = trace
+        out["catalogue_as_of"] = gw.catalogue_as_of
         out["image"] = {"width": width, "height": height, "scale": scale}
         out["took_ms"] = round((time.monotonic() - start) * 1000)
         return out
@@ -648,6 +678,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
             raise HTTPException(422, result.error or "the recommendation failed")
         out = _enrich(result)
         out["trace_id"] = trace
+        out["catalogue_as_of"] = gw.catalogue_as_of
         out["took_ms"] = round((time.monotonic() - start) * 1000)
         return out
 

@@ -312,6 +312,31 @@ class OffsetReader:
         """Messages not yet committed, per consumer group (``{group: its topics}``)."""
         return {group: sum(self.lag(group, list(topics)).values()) for group, topics in groups.items()}
 
+    def latest_timestamp(self, topic: str, timeout_s: float = 2.0) -> float | None:
+        """When the newest record of ``topic`` was produced (Unix seconds); None for an empty topic.
+
+        Reads the last record of each partition with a consumer of its own (assigned, not in a
+        group), at most ``timeout_s`` in all.
+        """
+        consumer = self._consumers.get("__latest__")
+        if consumer is None:
+            consumer = self._consumers["__latest__"] = KafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
+                client_id="lookalike-offsets", **kafka_options())
+        ends = {tp: end for tp, end in self.end_offsets([topic]).items() if end > 0}
+        if not ends:
+            return None
+        consumer.assign(list(ends))
+        for tp, end in ends.items():
+            consumer.seek(tp, end - 1)
+        newest, waiting = 0, set(ends)
+        deadline = time.monotonic() + timeout_s
+        while waiting and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=100).items():
+                newest = max([newest] + [r.timestamp for r in records])
+                waiting.discard(tp)
+        return newest / 1000 if newest else None
+
     def sizes(self, topics: list[str]) -> dict[str, int]:
         """Messages held per topic (end minus beginning offsets)."""
         ends = self.end_offsets(topics)

@@ -149,6 +149,11 @@ class Box(Part):
     def as_list(self) -> list[float]:
         return [self.x1, self.y1, self.x2, self.y2]
 
+    @classmethod
+    def from_list(cls, xyxy: list[float]) -> "Box":
+        x1, y1, x2, y2 = xyxy
+        return cls(x1=x1, y1=y1, x2=x2, y2=y2)
+
     def scaled(self, factor: float) -> "Box":
         """The same region in an image resized by ``factor``."""
         return Box(x1=self.x1 * factor, y1=self.y1 * factor, x2=self.x2 * factor, y2=self.y2 * factor)
@@ -421,6 +426,15 @@ class MatchedProduct(Part):
     brand: str = ""
     image_id: str = ""  # the image of this product that matched best
     image_url: str | None = None
+    # Where in that image the matching object is, in pixels of an image of ``image_size``
+    # (the stored, normalised one; its thumbnail has the same proportions): what the shopper's
+    # photo matched. None for points written before these fields existed.
+    matched_box: Box | None = None
+    matched_label: str = ""
+    image_size: tuple[int, int] | None = None
+    # When the catalogue event that last changed this product was applied (Unix seconds): its
+    # price and stock are as of then.
+    applied_at: float | None = None
     offers: list[ComparedOffer] = Field(default_factory=list)  # every listing's offers, cheapest first
     best_offer: ComparedOffer | None = None  # cheapest in stock (cheapest at all when none is)
     merged_product_ids: list[str] = Field(default_factory=list)  # other listings of the same item

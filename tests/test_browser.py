@@ -93,6 +93,20 @@ def test_shopper_uploads_a_photo_clicks_a_box_and_compares_prices(browser, site)
         assert "box" in page.locator("#boxes .box").first.get_attribute("class")
         assert "selected" in page.locator("#boxes .box").first.get_attribute("class")
         assert page.locator("#status").get_attribute("class") == "status ok"
+        # AND each card shows what matched: the catalogue photo's object as a box over its thumbnail
+        # (detection is off: the whole stored photo), beside the region of the shopper's photo searched
+        match = first.locator(".thumb .match-box")
+        assert match.is_visible()
+        inside = match.evaluate("""m => { const f = m.parentElement.getBoundingClientRect(),
+                                                  b = m.getBoundingClientRect();
+                                            return b.width > 0.9 * f.width && b.height > 0.9 * f.height
+                                                   && b.left >= f.left - 1 && b.right <= f.right + 1; }""")
+        assert inside, "the whole-photo match covers the thumbnail it is drawn on"
+        assert first.locator(".query-side").is_visible()
+        assert first.locator(".query-crop").evaluate(
+            "c => c.getContext('2d').getImageData(32, 32, 1, 1).data[3]") == 255  # the photo was drawn there
+        # AND the results say how fresh the catalogue is
+        assert page.locator("#results-title .as-of").inner_text().startswith("catalogue as of ")
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / "search.png"), full_page=True)
         # WHEN they ask for more like the first result THEN recommendations replace the cards

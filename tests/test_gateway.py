@@ -88,6 +88,23 @@ def test_search_finds_the_product_and_serves_its_thumbnail(api, catalog):
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 160
 
 
+def test_results_show_what_matched_and_how_fresh_the_catalogue_is(api, catalog):
+    photo, product_id = catalog.queries[0]
+    started = time.time()
+    body = _search(api, photo.read_bytes(), top_k=3).json()
+    top = body["objects"][-1]["products"][0]
+    # THEN the match names its box in the stored photo (detection is off: the whole photo), which
+    # the page draws over the thumbnail of the same proportions
+    width, height = top["image_size"]
+    assert top["matched_box"] == {"x1": 0, "y1": 0, "x2": width, "y2": height} and top["matched_label"] == "image"
+    thumb = Image.open(io.BytesIO(api.get(top["thumbnail_url"]).content))
+    assert abs(thumb.width / thumb.height - width / height) < 0.02
+    # AND each product says when its catalogue event was applied, the response when the last one was
+    assert top["applied_at"] < started
+    assert body["catalogue_as_of"] >= top["applied_at"] and body["catalogue_as_of"] < started
+    assert api.get("/healthz").json()["catalogue_as_of"] == body["catalogue_as_of"]
+
+
 def test_a_search_is_one_trace_from_the_gateway_through_every_function(api, catalog, stack):
     from kafka import KafkaConsumer
 

@@ -8,6 +8,8 @@ card shows is made here, from the image being stored, once per image.
 
 from __future__ import annotations
 
+import time
+
 import pybase64 as base64  # SIMD base64: several times the stdlib's speed on image payloads
 
 from lookalike.shared.embedding import Embedded, Embedder, ImageJob
@@ -93,7 +95,9 @@ class Embed(Function):
         """
         self.store.retain_product_images(self.collection, msg.product_id, msg.keep_image_ids)
         if msg.product is not None and msg.keep_image_ids:
-            self.store.set_product_payload(self.collection, msg.product_id, msg.product.payload())
+            # applied_at: what "as of" a result's price means (a redelivery moves it to the redo's time).
+            self.store.set_product_payload(self.collection, msg.product_id,
+                                           {**msg.product.payload(), "applied_at": time.time()})
         self.counters["syncs"] += 1
         present = self.store.product_image_ids(self.collection, msg.product_id) if msg.keep_image_ids else set()
         missing = len(set(msg.keep_image_ids) - present)
@@ -119,6 +123,7 @@ class Embed(Function):
                     "thumbnail": thumb,
                     "object_index": k,
                     "box": obj.box.as_list(),
+                    "image_size": [msg.width, msg.height],  # the box's frame (the thumbnail's proportions)
                     "label": obj.label,
                     "det_score": obj.score,
                     "model": self.embedder.spec.id,

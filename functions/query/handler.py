@@ -16,6 +16,7 @@ from lookalike.shared.messages import (
     QUERY_VECTORS,
     RECOMMEND_REQUESTS,
     SEARCH_RESULTS,
+    Box,
     ComparedOffer,
     MatchedProduct,
     ObjectResults,
@@ -66,10 +67,13 @@ def collapse(hits: list[Hit], top_k: int, merge_threshold: float = 1.0) -> list[
         if len(entries) == top_k:
             continue  # still scan the rest: later hits may be listings of kept entries
         offers, best = _price_sorted(_offers(p))
+        box, size = p.get("box"), p.get("image_size")
         entries.append(MatchedProduct(
             product_id=pid, score=hit.score, title=p.get("title", ""), category=p.get("category", ""),
             brand=p.get("brand", ""), image_id=p.get("image_id", ""), image_url=p.get("image_url"),
             offers=offers, best_offer=best,
+            matched_box=Box.from_list(box) if box and size else None, matched_label=p.get("label", ""),
+            image_size=tuple(size) if box and size else None, applied_at=p.get("applied_at"),
         ))
         anchors.append(hit.vector)
     return entries

@@ -133,7 +133,8 @@ async function runSearch(box, name) {
     }
     const obj = box ? result.objects[0] : result.objects[state.selected];
     const label = box ? name : (obj && obj.label !== "image" ? "the " + obj.label : "your photo");
-    showResults(obj ? obj.products : [], "Results for " + label, result.took_ms);
+    showResults(obj ? obj.products : [], "Results for " + label, result.took_ms, result.catalogue_as_of,
+      obj ? obj.box : null);
   } catch (e) {
     showError("Search failed: " + e.message);
   }
@@ -148,7 +149,7 @@ async function recommend(product) {
       body: JSON.stringify({positive: [product.product_id], top_k: 8, filters: filters()}),
     });
     showResults(result.objects[0] ? result.objects[0].products : [],
-      "More like " + (product.title || product.product_id), result.took_ms);
+      "More like " + (product.title || product.product_id), result.took_ms, result.catalogue_as_of, null);
   } catch (e) {
     showError("Recommendations failed: " + e.message);
   }
@@ -182,10 +183,50 @@ function remember(product) {
   }
 }
 
-function showResults(products, title, tookMs) {
+// "catalogue as of 14:05:09": when the last catalogue change was applied (prices and stock are that fresh).
+function asOf(seconds) {
+  if (seconds == null) return "";
+  const when = new Date(seconds * 1000);
+  const sameDay = when.toDateString() === new Date().toDateString();
+  return "catalogue as of " + (sameDay ? when.toLocaleTimeString() : when.toLocaleString());
+}
+
+// The matching object of a catalogue photo, drawn on its thumbnail (box in pixels of an image of imageSize).
+function drawMatch(card, p) {
+  const el = card.querySelector(".match-box");
+  if (!p.matched_box || !p.image_size || !p.thumbnail_url) return;
+  const [w, h] = p.image_size;
+  const b = p.matched_box;
+  el.style.left = (100 * b.x1 / w) + "%";
+  el.style.top = (100 * b.y1 / h) + "%";
+  el.style.width = (100 * (b.x2 - b.x1) / w) + "%";
+  el.style.height = (100 * (b.y2 - b.y1) / h) + "%";
+  el.title = "matched " + (p.matched_label === "image" ? "the whole photo" : p.matched_label || "object");
+  el.hidden = false;
+}
+
+// The searched region of the shopper's photo, beside each result, so the two can be compared.
+function drawQuery(card, queryBox) {
+  const preview = $("preview");
+  if (!queryBox || !preview.complete || !preview.naturalWidth || !state.size) return;
+  const canvas = card.querySelector(".query-crop");
+  const k = preview.naturalWidth / state.size.width;  // photo pixels -> preview pixels
+  const sw = (queryBox.x2 - queryBox.x1) * k, sh = (queryBox.y2 - queryBox.y1) * k;
+  const fit = Math.min(canvas.width / sw, canvas.height / sh);
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(preview, queryBox.x1 * k, queryBox.y1 * k, sw, sh,
+    (canvas.width - sw * fit) / 2, (canvas.height - sh * fit) / 2, sw * fit, sh * fit);
+  card.querySelector(".query-side").hidden = false;
+}
+
+function showResults(products, title, tookMs, catalogueAsOf, queryBox) {
   const box = $("results");
   box.innerHTML = "";
   $("results-title").textContent = title;
+  const stamp = asOf(catalogueAsOf);
+  if (stamp) $("results-title").appendChild(Object.assign(document.createElement("span"),
+    {className: "as-of", textContent: stamp}));
   $("results-title").hidden = false;
   if (!products.length) {
     setStatus("No matching products. Try another box, or loosen the filters.", "empty");
@@ -204,6 +245,8 @@ function showResults(products, title, tookMs) {
     } else {
       img.replaceWith(Object.assign(document.createElement("span"), {className: "noimg", textContent: "no image"}));
     }
+    drawMatch(card, p);
+    drawQuery(card, queryBox);
     card.querySelector(".title").textContent = p.title || p.product_id;
     card.querySelector(".meta").textContent = [p.brand, p.category].filter(Boolean).join(" · ");
     const best = p.best_offer;
