@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -78,19 +79,23 @@ def test_price_update_with_same_photos_skips_detect_and_embed(stack, client, ind
     detected_before = stack.functions["detect"].counters["images"]
     embedded_before = stack.functions["embed"].counters["crops"]
     unchanged_before = stack.functions["ingest"].counters["unchanged"]
+    store, collection = stack.resources.store, stack.resources.collection
+    applied_before = max(p["applied_at"] for p in store.product_payloads(collection, event.product_id))
     # WHEN only its offers change
     changed = event.model_copy(update={"offers": [Offer(shop="newshop", price=0.5)], "event_id": "price-1"})
+    sent_at = time.time()
     client.publish(CATALOG_EVENTS, [changed])
     client.wait_indexed()
     # THEN the stored payload changed and nothing was re-embedded
     assert stack.functions["ingest"].counters["unchanged"] == unchanged_before + 1
     assert stack.functions["detect"].counters["images"] == detected_before
     assert stack.functions["embed"].counters["crops"] == embedded_before
-    store, collection = stack.resources.store, stack.resources.collection
     vector = store.product_vectors(collection, [event.product_id])[event.product_id][0]
     hit = store.search(collection, vector, 1)[0]
     assert hit.payload["product_id"] == event.product_id
     assert [o["shop"] for o in hit.payload["offers"]] == ["newshop"] and hit.payload["min_price"] == 0.5
+    # AND its results say the price is as of this update
+    assert hit.payload["applied_at"] >= sent_at > applied_before
 
 
 def test_delete_removes_every_point_of_the_product(stack, client, indexed):

@@ -12,6 +12,8 @@ its points are not there.
 
 from __future__ import annotations
 
+import time
+
 import pybase64 as base64  # SIMD base64: several times the stdlib's speed on image payloads
 
 from lookalike.shared.config import Settings
@@ -85,7 +87,8 @@ class Ingest(Function):
         new = {iid: v for iid, v in images.items() if iid not in indexed}
         if not new:
             # Title, offers and prices change in place now: no detection, no embedding.
-            self.store.set_product_payload(self.collection, event.product_id, product.payload())
+            self.store.set_product_payload(self.collection, event.product_id,
+                                           {**product.payload(), "applied_at": time.time()})
             self.counters["unchanged"] += 1
         self.counters["images_out"] += len(new)
         emits = [
