@@ -34,6 +34,7 @@ class Resources:
     collection: str = ""
     embedder: object | None = None
     detector: object | None = None
+    thresholds: object | None = None  # query: Thresholds from `lookalike calibrate`, None: uncalibrated
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -47,6 +48,13 @@ class Resources:
             why = ("its weights were found" if res.model_id == "resnet50" else
                    "resnet50 weights are not available offline; set EMBED_WEIGHTS or put them in torch's cache")
             res.notes.append(f"EMBED_MODEL=auto chose {res.model_id} ({why})")
+        if "query" in names:  # before the store opens: a broken file fails the start, nothing to undo
+            from lookalike.functions.query.handler import Thresholds, calibration_path
+
+            path = calibration_path(settings.data_dir, res.model_id)
+            res.thresholds = Thresholds.load(path, res.model_id, settings.distance)
+            if res.thresholds is not None:
+                res.notes.append(f"calibrated answers ({path}): {res.thresholds.describe()}")
         if {"ingest", "embed", "query"} & set(names):
             res.store = open_store(settings.qdrant_url, settings.data_dir, **settings.qdrant_options())
             res.store.ensure_collection(CollectionSpec(res.collection, REGISTRY[res.model_id].dim, settings.distance))
@@ -83,7 +91,8 @@ class Resources:
             return Embed(self.embedder, self.store, self.collection)
         if name == "query":
             return Query(self.store, self.collection, self.model_id, self.settings.search_oversample,
-                         self.settings.merge_threshold, self.settings.search_max_points)
+                         self.settings.merge_threshold, self.settings.search_max_points,
+                         thresholds=self.thresholds)
         raise ValueError(f"unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
 
 

@@ -438,6 +438,10 @@ class MatchedProduct(Part):
     offers: list[ComparedOffer] = Field(default_factory=list)  # every listing's offers, cheapest first
     best_offer: ComparedOffer | None = None  # cheapest in stock (cheapest at all when none is)
     merged_product_ids: list[str] = Field(default_factory=list)  # other listings of the same item
+    # How sure the search is, from the thresholds `lookalike calibrate` fitted for this model and
+    # catalogue (docs/quality.md): "same" (the photographed product; only the first entry),
+    # "similar" or "other". None: not calibrated, or a recommendation. Left off the wire when None.
+    match: Literal["same", "similar", "other"] | None = None
 
 
 class ObjectResults(Part):
@@ -445,6 +449,10 @@ class ObjectResults(Part):
     label: str = "image"
     score: float = 1.0
     products: list[MatchedProduct]
+    # The answer for this object: "same product" (the first entry is the photographed product),
+    # "similar" (it is probably among the similar entries, which one is not sure) or "no confident
+    # match" (the entries are only the closest there are). None: not calibrated, or a recommendation.
+    answer: Literal["same product", "similar", "no confident match"] | None = None
 
 
 class SearchResult(Message):

@@ -28,9 +28,16 @@ def site(kafka_bootstrap, tmp_path_factory):
     from lookalike.shared.messages import CATALOG_EVENTS
     from lookalike.stack import Stack
 
+    from lookalike.calibration import write_calibration
+    from lookalike.functions.query.handler import CALIBRATION_FORMAT, calibration_path
+
     catalog = generate(tmp_path_factory.mktemp("browser-sample"), n_products=6, photos_per_product=3, seed=2)
     settings = make_settings(tmp_path_factory.mktemp("browser-stack"), kafka_bootstrap_servers=kafka_bootstrap,
                              gateway_port=0)
+    # Calibrated so that any lead is "same product" and anything listed "similar": the page shows both marks.
+    write_calibration(calibration_path(settings.data_dir, "efficientnet_lite0"),
+                      {"format": CALIBRATION_FORMAT, "model": "efficientnet_lite0", "distance": "cosine",
+                       "thresholds": {"same_margin": 0.0, "similar_score": 0.0}})
     with Stack(settings, gateway=True) as stack:
         client = Client(stack.bootstrap_servers)
         try:
@@ -86,6 +93,11 @@ def test_shopper_uploads_a_photo_clicks_a_box_and_compares_prices(browser, site)
         first = page.locator(".card").first
         first.wait_for(timeout=60_000)
         assert first.get_attribute("data-product-id") == product_id
+        # AND the calibrated answer: the photographed product is "Same product", the rest "Similar", no hedge line
+        assert first.locator(".badge").inner_text() == "Same product"
+        assert first.get_attribute("data-match") == "same"
+        assert page.locator(".card").nth(1).locator(".badge").inner_text() == "Similar"
+        assert page.locator("#answer").is_hidden()
         assert "€" in first.locator(".price .best").inner_text() or "EUR" in first.locator(".price .best").inner_text()
         rows = first.locator(".compare tbody tr")
         assert rows.count() >= 3

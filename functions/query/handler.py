@@ -5,9 +5,18 @@ recommend.requests -> search.results
 
 Hits are collapsed to one entry per product (its best-scoring image wins and is
 named), and every product carries its offers sorted by price with the best marked.
+With thresholds from ``lookalike calibrate`` (:class:`Thresholds`, read from
+``<data dir>/calibration/<model id>.json``) every search result says how sure it is:
+entries are marked same/similar/other, each object gets an answer.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -79,12 +88,86 @@ def collapse(hits: list[Hit], top_k: int, merge_threshold: float = 1.0) -> list[
     return entries
 
 
+log = logging.getLogger("lookalike.query")
+
+CALIBRATION_FORMAT = "lookalike-calibration-v1"
+
+
+def calibration_path(data_dir: str | Path, model_id: str) -> Path:
+    """Where ``lookalike calibrate`` writes, and the query function reads, a model's thresholds."""
+    return Path(data_dir) / "calibration" / f"{model_id}.json"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a search result is a confident answer (fitted by ``lookalike calibrate``, docs/quality.md).
+
+    * ``same_margin``: the first entry is the **same product** when its score beats the second
+      entry's by at least this much (cosine). The margin, not the score itself: with these
+      models the top score says how photo-like the match is, hardly whether it is the right
+      product (docs/quality.md). Needs a second entry to compare with. None: never.
+    * ``similar_score``: entries scoring at least this are **similar**; when the first one does,
+      the photographed product was among the first five in at least the target share of the
+      labelled searches. None: never.
+    """
+
+    same_margin: float | None
+    similar_score: float | None
+    info: dict = field(default_factory=dict, compare=False)  # what the file says about the fit
+
+    def mark(self, products: list[MatchedProduct]) -> str:
+        """Set each entry's ``match``; return the object's answer."""
+        for p in products:
+            p.match = "similar" if self.similar_score is not None and p.score >= self.similar_score else "other"
+        if (len(products) >= 2 and self.same_margin is not None
+                and products[0].score - products[1].score >= self.same_margin):
+            products[0].match = "same"
+            return "same product"
+        return "similar" if products and products[0].match == "similar" else "no confident match"
+
+    def to_dict(self) -> dict:
+        return {"same_margin": self.same_margin, "similar_score": self.similar_score}
+
+    def describe(self) -> str:
+        def f(v):
+            return "never" if v is None else f">= {v:.4f}"
+
+        return f"same product: margin {f(self.same_margin)}, similar: score {f(self.similar_score)}"
+
+    @classmethod
+    def load(cls, path: str | Path, model_id: str, distance: str = "cosine") -> "Thresholds | None":
+        """The thresholds in ``path`` for ``model_id``; None when there is no file or it is for another
+        model or distance (logged). A file that cannot be read is an error: fix or remove it."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") != CALIBRATION_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
+            t = doc["thresholds"]
+            values = [t["same_margin"], t["similar_score"]]
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v))
+                   for v in values):
+                raise ValueError(f"thresholds must be numbers or null: {t}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"calibration file {path} cannot be used ({e}): run `lookalike calibrate` "
+                             "again or remove it") from None
+        if doc.get("model") != model_id or doc.get("distance", "cosine") != distance:
+            log.warning("ignoring %s: fitted for model %s (%s distance), this query function searches %s (%s)",
+                        path, doc.get("model"), doc.get("distance", "cosine"), model_id, distance)
+            return None
+        info = {k: doc.get(k) for k in ("catalogue", "precision_target", "created")}
+        return cls(*(None if v is None else float(v) for v in values), info=info)
+
+
 class Query(Function):
     name = "query"
 
     def __init__(self, store: VectorStore, collection: str, model_id: str, oversample: int = 5,
-                 merge_threshold: float = 0.95, max_points: int = 1000):
+                 merge_threshold: float = 0.95, max_points: int = 1000, thresholds: Thresholds | None = None):
         super().__init__()
+        self.thresholds = thresholds
         self.merge_threshold = merge_threshold
         self.store = store
         self.collection = collection
@@ -117,13 +200,18 @@ class Query(Function):
     def on_vectors(self, msg: QueryVectors) -> list[Emit]:
         if msg.model != self.model_id:
             raise PoisonMessage(f"vectors of model {msg.model!r} cannot search collection of {self.model_id!r}")
-        objects = [
-            ObjectResults(box=o.box, label=o.label, score=o.score,
-                          products=self._search(o.vector, msg.top_k, msg.filters))
-            for o in msg.objects
-        ]
+        objects = [self._object(o, msg.top_k, msg.filters) for o in msg.objects]
         self.counters["searches"] += 1
         return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, model=self.model_id, objects=objects))]
+
+    def _object(self, o, top_k: int, filters: SearchFilters) -> ObjectResults:
+        if self.thresholds is None:
+            return ObjectResults(box=o.box, label=o.label, score=o.score,
+                                 products=self._search(o.vector, top_k, filters))
+        # "same product" compares the first entry with the second: fetch one even for top_k=1
+        products = self._search(o.vector, max(top_k, 2), filters)
+        answer = self.thresholds.mark(products)
+        return ObjectResults(box=o.box, label=o.label, score=o.score, products=products[:top_k], answer=answer)
 
     def on_recommend(self, msg: RecommendRequest) -> list[Emit]:
         vectors = self.store.product_vectors(self.collection, msg.positive + msg.negative)

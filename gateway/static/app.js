@@ -134,7 +134,7 @@ async function runSearch(box, name) {
     const obj = box ? result.objects[0] : result.objects[state.selected];
     const label = box ? name : (obj && obj.label !== "image" ? "the " + obj.label : "your photo");
     showResults(obj ? obj.products : [], "Results for " + label, result.took_ms, result.catalogue_as_of,
-      obj ? obj.box : null);
+      obj ? obj.box : null, obj ? obj.answer : null);
   } catch (e) {
     showError("Search failed: " + e.message);
   }
@@ -167,6 +167,22 @@ function showError(text) {
   setStatus(text, "error");
   $("results").innerHTML = "";
   $("results-title").hidden = true;
+  $("answer").hidden = true;
+}
+
+// A calibrated search's answer (`lookalike calibrate`; null: not calibrated): the line above the cards
+// when none of them is the photographed product, and the badge on a card.
+const ANSWER_LINES = {
+  "similar": "No confident match \u2014 similar items:",
+  "no confident match": "No confident match \u2014 nothing similar in the catalogue; the closest items:",
+};
+const BADGES = {same: "Same product", similar: "Similar"};
+
+function showAnswer(answer, count) {
+  const line = $("answer");
+  line.textContent = ANSWER_LINES[answer] || "";
+  line.className = "answer" + (answer ? " " + answer.replace(/ /g, "-") : "");
+  line.hidden = !count || !ANSWER_LINES[answer];
 }
 
 function remember(product) {
@@ -220,9 +236,10 @@ function drawQuery(card, queryBox) {
   card.querySelector(".query-side").hidden = false;
 }
 
-function showResults(products, title, tookMs, catalogueAsOf, queryBox) {
+function showResults(products, title, tookMs, catalogueAsOf, queryBox, answer) {
   const box = $("results");
   box.innerHTML = "";
+  showAnswer(answer, products.length);
   $("results-title").textContent = title;
   const stamp = asOf(catalogueAsOf);
   if (stamp) $("results-title").appendChild(Object.assign(document.createElement("span"),
@@ -247,6 +264,13 @@ function showResults(products, title, tookMs, catalogueAsOf, queryBox) {
     }
     drawMatch(card, p);
     drawQuery(card, queryBox);
+    card.dataset.match = p.match || "";
+    if (BADGES[p.match]) {
+      const badge = card.querySelector(".badge");
+      badge.textContent = BADGES[p.match];
+      badge.className = "badge " + p.match;
+      badge.hidden = false;
+    }
     card.querySelector(".title").textContent = p.title || p.product_id;
     card.querySelector(".meta").textContent = [p.brand, p.category].filter(Boolean).join(" · ");
     const best = p.best_offer;
