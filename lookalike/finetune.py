@@ -21,6 +21,11 @@ Recipe (built to fit ~3,000 photos into <= 30 min on a 2-core CPU):
   and then follows a cosine to zero by the last epoch or by the time cap, whichever comes
   first. ``--val`` is evaluated once, at the end, and never used to choose anything.
 
+Training data: ``--train`` a ``path,label`` CSV, or ``--catalog`` the catalogue file that
+``lookalike index`` reads (:func:`read_catalog_photos`: product ids are the labels). Both give the
+same ``(photo path, label)`` list to :func:`finetune`. Products with one photo stay in: their
+augmented views are each other's only positives and they are negatives for every other product.
+
 Output: ``DIR/model.pt`` (state dict) and ``DIR/model.json`` (id, base, dim, preprocessing,
 training config, train/hold-out/val metrics). ``lookalike.shared.embedders`` loads such a directory
 (``EMBED_MODEL=DIR`` or ``EMBED_MODEL=<id>`` with the directory at
@@ -33,7 +38,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +92,168 @@ def _base_model(cfg: FinetuneConfig) -> FinetunedLite0:
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     return FinetunedLite0(net, cfg.dim, cfg.train_blocks)
+
+
+# --------------------------------------------------------------------------- the catalogue file as training data
+
+
+@dataclass
+class CatalogPhotos:
+    """What :func:`read_catalog_photos` made of a catalogue file."""
+
+    pairs: list[tuple[Path, str]]  # (photo file, label) in catalogue order: finetune()'s input
+    events: int = 0  # non-blank lines
+    upserts: int = 0
+    replaced: int = 0  # upserts superseded by a later upsert of the same product
+    deleted: int = 0  # products removed by a delete event
+    products: int = 0  # products left (after deletes and replacements) with at least one photo
+    labels: int = 0  # training labels (= products unless split_mark joins some)
+    singletons: int = 0  # labels with one photo: negatives (and their own views' positives) only
+    local_images: int = 0
+    remote_images: int = 0  # url (and inline data) images of the final products
+    fetched: int = 0  # of those, read into image_dir (fetched now or already there)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (product id, why) per image left out
+    empty_products: list[str] = field(default_factory=list)  # products that lost every image
+
+    def summary(self) -> str:
+        lines = [f"catalogue: {self.events} events ({self.upserts} upserts, "
+                 f"{self.replaced} replaced by a later upsert, "
+                 f"{self.deleted} products deleted) -> {self.products} products, {self.labels} labels, "
+                 f"{len(self.pairs)} photos ({self.local_images} local, {self.fetched} of {self.remote_images} "
+                 f"url/inline images read); {self.singletons} labels with one photo (kept as negatives)"]
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} url/inline images:")
+            lines += [f"    {pid}: {why}" for pid, why in self.skipped[:10]]
+            if len(self.skipped) > 10:
+                lines.append(f"    ... and {len(self.skipped) - 10} more")
+        if self.empty_products:
+            lines.append(f"  {len(self.empty_products)} products had no image left and are left out: "
+                         f"{', '.join(self.empty_products[:10])}{' ...' if len(self.empty_products) > 10 else ''}")
+        return "\n".join(lines)
+
+
+def catalog_label(product_id: str, split_mark: str | None) -> str:
+    """The training label of a product: its id, less a ``<split_mark><n>`` suffix when ``split_mark`` is set."""
+    if split_mark:
+        head, mark, tail = product_id.rpartition(split_mark)
+        if mark and head and tail.isdigit():
+            return head
+    return product_id
+
+
+def read_catalog_photos(path: Path, image_dir: Path | None = None, settings=None, split_mark: str | None = None,
+                        fetch_remote: bool = True, workers: int = 8) -> CatalogPhotos:
+    """The ``(photo, label)`` pairs of a catalogue file as indexing it would leave the catalogue.
+
+    Lines are validated exactly as ``lookalike index`` does (``lookalike.client.read_catalog``:
+    the ``CatalogEvent`` model of ``shared/messages.py``, errors name ``file:line``, a local
+    ``path`` is relative to the file's folder; a missing local file is an error there too).
+    Events apply in file order: a ``delete`` removes the product, a later ``upsert`` of a product
+    replaces its earlier one (its images included). Label = product id (see :func:`catalog_label`).
+
+    Local photos are read from disk where they are. ``url`` images are fetched as ingest fetches
+    them (``shared.images.load_source``: public hosts only unless ``ALLOW_PRIVATE_URLS``,
+    ``URL_TIMEOUT_S``, ``MAX_IMAGE_BYTES``) and inline ``data`` images decoded; both are normalised
+    as ingest does (640 px JPEG) into ``image_dir`` (named by the hash of the reference, so a later
+    run with the same ``image_dir`` reuses them). One that fails is skipped and counted (with the
+    reason); ``fetch_remote=False`` skips them all.
+    """
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydantic import TypeAdapter
+
+    from lookalike.shared.config import Settings
+    from lookalike.shared.messages import CatalogDelete, CatalogEvent
+
+    settings = settings or Settings()
+    path = Path(path)
+    adapter = TypeAdapter(CatalogEvent)  # the model lookalike.client.read_catalog validates with
+    report = CatalogPhotos(pairs=[])
+    state: dict[str, list] = {}  # product id -> its images: Path (local) or ImageRef (url/data)
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            event = adapter.validate_json(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        report.events += 1
+        if isinstance(event, CatalogDelete):
+            report.deleted += state.pop(event.product_id, None) is not None
+            continue
+        report.upserts += 1
+        images = []
+        for ref in event.images:
+            if ref.path:
+                file = path.parent / ref.path
+                if not file.is_file():
+                    raise ValueError(f"{where}: image {file} of product {event.product_id}: no such file")
+                images.append(file)
+            else:
+                images.append(ref)
+        report.replaced += state.pop(event.product_id, None) is not None
+        state[event.product_id] = images
+
+    remote = [ref for images in state.values() for ref in images if not isinstance(ref, Path)]
+    report.remote_images = len(remote)
+    files: dict[int, Path | str] = {}  # id(ref) -> its file, or why it is skipped
+    if remote and not fetch_remote:
+        files = {id(ref): "url/inline images not read (--skip-urls)" for ref in remote}
+    elif remote:
+        if image_dir is None:
+            raise ValueError("url/inline images need an image_dir to be stored in")
+        image_dir = Path(image_dir)
+        image_dir.mkdir(parents=True, exist_ok=True)
+
+        def materialise(ref) -> Path | str:
+            from lookalike.shared.errors import PoisonMessage, SourceUnavailable
+            from lookalike.shared.images import load_source, normalize
+
+            name = hashlib.sha256((ref.url or ref.data).encode()).hexdigest()[:32]
+            file = image_dir / f"{name}.jpg"
+            if file.is_file():
+                return file
+            try:
+                raw = load_source(ref, settings.max_image_bytes, settings.url_timeout_s, settings.allow_private_urls)
+                jpeg = normalize(raw, settings.image_max_side, settings.max_image_pixels)[0]
+            except (PoisonMessage, SourceUnavailable) as e:
+                return str(e)
+            tmp = file.with_suffix(".part")
+            tmp.write_bytes(jpeg)
+            tmp.replace(file)
+            return file
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            files = {id(ref): f for ref, f in zip(remote, pool.map(materialise, remote), strict=True)}
+
+    labels: set[str] = set()
+    counts: dict[str, int] = {}
+    for pid, images in state.items():
+        label = catalog_label(pid, split_mark)
+        kept = []
+        for ref in images:
+            if isinstance(ref, Path):
+                kept.append(ref)
+                report.local_images += 1
+                continue
+            f = files[id(ref)]
+            if isinstance(f, Path):
+                kept.append(f)
+                report.fetched += 1
+            else:
+                report.skipped.append((pid, f))
+        if not kept:
+            report.empty_products.append(pid)
+            continue
+        report.products += 1
+        labels.add(label)
+        counts[label] = counts.get(label, 0) + len(kept)
+        report.pairs.extend((f, label) for f in kept)
+    report.labels = len(labels)
+    report.singletons = sum(1 for c in counts.values() if c == 1)
+    return report
 
 
 # --------------------------------------------------------------------------- data
@@ -222,6 +389,22 @@ def _cache_key(paths: list[Path], cfg: FinetuneConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def _sampler(item_y: np.ndarray, cfg: FinetuneConfig):
+    """``MPerClassSampler`` over training items (photo views) and its batch size.
+
+    Every product is a class, drawn with equal chance into a batch of ``batch / m`` classes; a
+    product with one photo gives ``m`` of its views, so it is a negative of every other product in
+    that batch and its views are its positives (as every photo's views are, in a product of several).
+    """
+    from pytorch_metric_learning import samplers
+
+    m = cfg.m_per_class
+    batch = min(cfg.batch_size, len(item_y) - len(item_y) % m, m * len(np.unique(item_y))) or m
+    batch -= batch % m
+    sampler = samplers.MPerClassSampler(item_y, m=m, batch_size=batch, length_before_new_iter=len(item_y))
+    return sampler, batch
+
+
 def _train(model: FinetunedLite0, feats: torch.Tensor, photos: np.ndarray, y: np.ndarray, cfg: FinetuneConfig,
            budget_s: float, end_progress: float = 1.0, max_epochs: int | None = None, after_epoch=None) -> int:
     """Train ``model``'s top on every cached view of ``photos``; returns the number of epochs run.
@@ -231,13 +414,12 @@ def _train(model: FinetunedLite0, feats: torch.Tensor, photos: np.ndarray, y: np
     so that it anneals by ``budget_s`` at the latest. ``after_epoch(epoch, mean_loss, progress)``
     may return True to stop early.
     """
-    from pytorch_metric_learning import losses, miners, samplers
+    from pytorch_metric_learning import losses, miners
 
     item_img = np.repeat(photos, 1 + cfg.views)
     item_view = np.tile(np.arange(1 + cfg.views), len(photos))
     item_y = y[item_img]
-    batch = min(cfg.batch_size, len(item_y) - len(item_y) % cfg.m_per_class) or cfg.m_per_class
-    sampler = samplers.MPerClassSampler(item_y, m=cfg.m_per_class, batch_size=batch, length_before_new_iter=len(item_y))
+    sampler, batch = _sampler(item_y, cfg)
     loss_fn = losses.MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
     miner = miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon)
     back, head = model.trainable_parameters()
@@ -284,7 +466,7 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
     """Select the epoch count on a hold-out, refit on every photo, write ``out_dir/model.{pt,json}``.
 
     Returns the manifest."""
-    from lookalike.evaluation import retrieval_metrics
+    from lookalike.evaluation import product_rankings, ranking_metrics, retrieval_metrics
 
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
@@ -293,8 +475,14 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
     counts: dict[str, int] = {}
     for _, lab in train:
         counts[lab] = counts.get(lab, 0) + 1
-    if len(counts) < 2 or min(counts.values()) < 2:
-        raise ValueError("fine-tuning needs at least two products with at least two photos each")
+    if len(counts) < 2 or max(counts.values()) < 2:
+        raise ValueError("fine-tuning needs at least two products, one of them with at least two photos")
+    singletons = sum(1 for c in counts.values() if c == 1)
+    if singletons:
+        # Kept: each is a class of its own in every batch it is drawn into, a negative for every
+        # other product; its only positives are the augmented views of its one photo.
+        log.info("%d of %d products have one photo: negatives only (no second photo to pair with)",
+                 singletons, len(counts))
 
     paths = [Path(p) for p, _ in train]
     labels = [lab for _, lab in train]
@@ -329,12 +517,20 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
     fit = ~held
     fit_idx, held_idx = np.flatnonzero(fit), np.flatnonzero(held)
     eval_feats = feats[:, 0]
+    # Leave-one-out queries: fit photos whose product has another fit photo to be found by
+    # (a product's only photo has nothing to find; it stays in the gallery as a distractor).
+    fit_counts = np.bincount(y[fit_idx], minlength=len(classes))
+    loo = fit_counts[y[fit_idx]] >= 2
+    if not loo.any():
+        loo[:] = True
 
     def score() -> tuple[dict, dict]:
         emb = _embed_cached(model, eval_feats)
         g_lab = [labels[i] for i in fit_idx]
         # Train: leave-one-out over the fit photos (each photo queries the others).
-        tr = retrieval_metrics(emb[fit], g_lab, emb[fit], g_lab, exclude_self=True)
+        rankings = product_rankings(emb[fit], g_lab, emb[fit], exclude_self=True)
+        tr = ranking_metrics([r for r, q in zip(rankings, loo, strict=True) if q],
+                             [lab for lab, q in zip(g_lab, loo, strict=True) if q])
         ho = retrieval_metrics(emb[fit], g_lab, emb[held], [labels[i] for i in held_idx]) if held.any() else {}
         return tr, ho
 
@@ -397,7 +593,7 @@ def finetune(train: list[tuple[Path, str]], out_dir: Path, cfg: FinetuneConfig,
         "weights": WEIGHTS,
         "config": asdict(cfg),
         "data": {"train_photos": int(fit.sum()), "holdout_photos": int(held.sum()), "products": len(classes),
-                 "refit_epochs": refit_epochs},
+                 "single_photo_products": singletons, "refit_epochs": refit_epochs},
         "best_epoch": best["epoch"],
         "stopped": stopped[0],
         "metrics": {"train_leave_one_out": best["train"], "holdout": best["holdout"],

@@ -1,4 +1,4 @@
-"""The quality commands: ``lookalike eval``, ``finetune`` and ``reindex``.
+"""The quality commands: ``lookalike eval``, ``finetune``, ``reindex`` and ``calibrate``.
 
 ``python -m lookalike.quality eval|finetune|reindex ...`` runs them without the rest of the CLI.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from lookalike.evaluation import evaluate, format_result, json_line, read_labelled_csv, reindex
@@ -27,14 +28,29 @@ def cmd_eval(args, settings) -> None:
 def cmd_finetune(args, settings) -> None:
     from lookalike.finetune import FinetuneConfig, finetune
 
+    if args.train and (args.split_mark or args.skip_urls):
+        raise ValueError("--split-mark and --skip-urls apply to --catalog only")
     cfg = FinetuneConfig(model_id=args.id, dim=args.dim, train_blocks=args.train_blocks, views=args.views,
                          resize=args.resize, crop=args.crop,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout,
                          series_distance=args.series_distance, refit=not args.no_refit,
                          max_minutes=args.max_minutes, seed=args.seed)
-    train = read_labelled_csv(args.train)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
     val = read_labelled_csv(args.val) if args.val else None
-    manifest = finetune(train, Path(args.out), cfg, val=val, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    with tempfile.TemporaryDirectory(prefix="lookalike-ft-images-") as tmp:
+        if args.catalog:
+            from lookalike.finetune import read_catalog_photos
+
+            # url/inline images: fetched into the cache dir (reused next time) or a temporary one
+            image_dir = cache_dir / "images" if cache_dir else Path(tmp)
+            photos = read_catalog_photos(Path(args.catalog), image_dir=image_dir, settings=settings,
+                                         split_mark=args.split_mark,
+                                         fetch_remote=not args.skip_urls)
+            print(photos.summary(), flush=True)
+            train = photos.pairs
+        else:
+            train = read_labelled_csv(args.train)
+        manifest = finetune(train, Path(args.out), cfg, val=val, cache_dir=cache_dir)
     m = manifest["metrics"]
     print(f"wrote {args.out} (model id {manifest['id']}, dim {manifest['dim']}, best epoch {manifest['best_epoch']}, "
           f"stopped: {manifest['stopped']}, refit epochs {manifest['data']['refit_epochs']}, "
@@ -71,8 +87,17 @@ def add_commands(sub) -> dict:
                         "none = whole images")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
-    p = sub.add_parser("finetune", help="fine-tune an embedder on labelled catalogue photos (CSV path,label)")
-    p.add_argument("--train", required=True)
+    p = sub.add_parser("finetune", help="fine-tune an embedder on labelled catalogue photos (CSV path,label) "
+                                        "or on the catalogue file itself (product ids are the labels)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train", help="CSV path,label")
+    src.add_argument("--catalog", help="catalogue JSONL as for `lookalike index`: every product's photos, "
+                                       "labelled by product id (deletes and later upserts applied)")
+    p.add_argument("--split-mark", metavar="MARK",
+                   help="with --catalog: products ID<MARK><n> (sku#2, sku#3...) are more photos of product ID, "
+                        "one label (an event carries at most 20 images)")
+    p.add_argument("--skip-urls", action="store_true",
+                   help="with --catalog: train on local path images only (default: fetch url images as ingest does)")
     p.add_argument("--val", help="scored once at the end for the report; never used for model selection")
     p.add_argument("--out", required=True, help="output model directory (model.pt + model.json)")
     p.add_argument("--id", default="lite0-ft", help="model id (names the store collection)")
@@ -98,7 +123,11 @@ def add_commands(sub) -> dict:
     p.add_argument("--model", required=True, help="embedder id or fine-tuned model directory")
     p.add_argument("--catalog", required=True, help="catalogue JSONL (as for `lookalike index`): the image source")
     p.add_argument("--timeout", type=float, default=3600)
-    return {"eval": cmd_eval, "finetune": cmd_finetune, "reindex": cmd_reindex}
+    from lookalike.calibration import add_command as add_calibrate_command
+    from lookalike.calibration import cmd_calibrate
+
+    add_calibrate_command(sub)  # calibrate: lookalike/calibration.py
+    return {"eval": cmd_eval, "finetune": cmd_finetune, "reindex": cmd_reindex, "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> None:
