@@ -299,20 +299,11 @@ def calibrate(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path,
               target: float = 0.95, holdout: float = 0.2, seed: int = 0, repeats: int = 5,
               select: str = "cv", embedder=None, detector=None) -> dict:
     """Embed the gallery and queries as ``lookalike eval --mode direct`` does, then :func:`calibrate_scores`."""
-    from lookalike.evaluation import embed_paths, top_boxes
+    from lookalike.evaluation import embed_labelled
     from lookalike.functions.query.handler import CALIBRATION_FORMAT
-    from lookalike.shared.embedders import load_embedder
 
     t0 = time.monotonic()
-    if embedder is None:
-        embedder = load_embedder(model_id, device="cpu", precision=precision)
-    if detector is None and detect_weights.strip().lower() != "none":
-        from lookalike.shared.detector import load_detector
-
-        detector = load_detector(detect_weights)
-    g_paths, q_paths = [p for p, _ in gallery], [p for p, _ in queries]
-    g = embed_paths(embedder, g_paths, top_boxes(g_paths, detector) if detector is not None else None)
-    q = embed_paths(embedder, q_paths, top_boxes(q_paths, detector) if detector is not None else None)
+    embedder, g, q = embed_labelled(gallery, queries, model_id, precision, detect_weights, embedder, detector)
     scores, products = product_scores(g, [lab for _, lab in gallery], q)
     report = calibrate_scores(scores, products, [lab for _, lab in queries], target, holdout, seed, repeats, select)
     report.update(format=CALIBRATION_FORMAT, model=embedder.spec.id, distance="cosine",

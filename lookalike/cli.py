@@ -83,40 +83,8 @@ def cmd_index(args, settings: Settings) -> None:
         client.close()
 
 
-# How a calibrated search answers (`lookalike calibrate`): the line above the list, the mark beside an entry.
-ANSWER_LINES = {"same product": "same product",
-                "similar": "no confident match \u2014 similar items:",
-                "no confident match": "no confident match \u2014 nothing similar; the closest items:"}
-MATCH_MARKS = {"same": "SAME PRODUCT", "similar": "similar", "other": ""}
-
-
-def format_search(result, max_offers: int = 4) -> str:
-    """``client.format_result``, plus each object's answer and each entry's mark when the query
-    function is calibrated (without thresholds it is ``format_result`` itself)."""
-    from lookalike.client import format_result
-
-    if result.status != "ok" or all(obj.answer is None for obj in result.objects):
-        return format_result(result, max_offers)
-    lines = []
-    for obj in result.objects:
-        box = f" box {[round(v) for v in obj.box.as_list()]}" if obj.box else ""
-        answer = f": {ANSWER_LINES[obj.answer]}" if obj.answer else ""
-        lines.append(f"{obj.label}{box} (score {obj.score:.2f}){answer}")
-        if not obj.products:
-            lines.append("  no matching products")
-        for rank, p in enumerate(obj.products, 1):
-            best = p.best_offer
-            price = f"{best.price:8.2f} {best.currency} at {best.shop}" if best else "no offers"
-            mark = MATCH_MARKS.get(p.match or "other", "")
-            lines.append(f"  {rank:2d}. {p.score:.3f}  {mark:<12} {p.product_id:<10} {p.title[:34]:<34} best {price}")
-            others = ", ".join(f"{o.shop} {o.price:.2f}{'' if o.in_stock else ' (out of stock)'}"
-                               for o in p.offers[:max_offers])
-            lines.append(f"      offers: {others}")
-    return "\n".join(lines)
-
-
 def cmd_search(args, settings: Settings) -> None:
-    from lookalike.client import Client
+    from lookalike.client import Client, format_result
 
     client = Client(_bootstrap(settings), settings.topic_partitions, settings.topic_replication_factor)
     try:
@@ -130,7 +98,7 @@ def cmd_search(args, settings: Settings) -> None:
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
-        print(format_search(result))
+        print(format_result(result))
         print(f"({took * 1000:.0f} ms)")
 
 
@@ -242,7 +210,7 @@ def cmd_demo(args, settings: Settings) -> None:
     Interactive runs keep serving the web page until Ctrl-C; scripted runs (no terminal
     on stdin, or --no-serve) stop after the search.
     """
-    from lookalike.client import Client, read_catalog
+    from lookalike.client import Client, format_result, read_catalog
     from lookalike.sample_catalog import generate
     from lookalike.stack import Stack
 
@@ -269,7 +237,7 @@ def cmd_demo(args, settings: Settings) -> None:
             print(f"\nsearching with {photo} (a new photo of {product_id}, not in the catalogue):")
             t0 = time.monotonic()
             result = client.search(photo.read_bytes(), top_k=5)
-            print(format_search(result))
+            print(format_result(result))
             print(f"search took {(time.monotonic() - t0) * 1000:.0f} ms")
             top = result.objects[-1].products[0].product_id if result.objects and result.objects[-1].products else None
             print(f"\n{'correct' if top == product_id else 'WRONG'}: top match {top}, expected {product_id}")

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pybase64 as base64  # SIMD base64: several times the stdlib's speed on image payloads
 from kafka import KafkaConsumer
@@ -53,6 +53,22 @@ DLQ_REPLAY_GROUP = "lookalike-dlq-replay"  # remembers how far `lookalike dlq re
 _catalog_adapter = TypeAdapter(CatalogEvent)
 
 
+def catalog_events(path: Path) -> Iterator[tuple[str, Message]]:
+    """The events of a JSONL catalogue file in order, each with where it stands (``file:line``).
+
+    A line that is not a valid event raises ValueError naming that place. Shared by ``lookalike
+    index`` (:func:`read_catalog`) and ``lookalike finetune --catalog``, so both read the same file alike.
+    """
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            yield where, _catalog_adapter.validate_json(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
 def read_catalog(path: Path, settings: Settings | None = None) -> list[Message]:
     """Parse a JSONL catalogue file; local image paths are inlined as base64 data.
 
@@ -61,14 +77,7 @@ def read_catalog(path: Path, settings: Settings | None = None) -> list[Message]:
     """
     settings = settings or Settings()
     events = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            event = _catalog_adapter.validate_json(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+    for where, event in catalog_events(path):
         if isinstance(event, CatalogUpsert):
             event.images = [_inline(path.parent / ref.path, settings, where) if ref.path else ref
                             for ref in event.images]
@@ -331,19 +340,30 @@ class Client:
         }
 
 
+# How a calibrated search answers (`lookalike calibrate`): the line above the list, the mark beside an entry.
+ANSWER_LINES = {"same product": "same product",
+                "similar": "no confident match \u2014 similar items:",
+                "no confident match": "no confident match \u2014 nothing similar; the closest items:"}
+MATCH_MARKS = {"same": "SAME PRODUCT", "similar": "similar", "other": ""}
+
+
 def format_result(result: SearchResult, max_offers: int = 4) -> str:
+    """A search result as text; when the query function is calibrated, each object's answer and each entry's mark."""
     if result.status != "ok":
         return f"error: {result.error}"
+    calibrated = any(obj.answer is not None for obj in result.objects)
     lines = []
     for obj in result.objects:
         box = f" box {[round(v) for v in obj.box.as_list()]}" if obj.box else ""
-        lines.append(f"{obj.label}{box} (score {obj.score:.2f}):")
+        answer = f" {ANSWER_LINES[obj.answer]}" if obj.answer else ""
+        lines.append(f"{obj.label}{box} (score {obj.score:.2f}):{answer}")
         if not obj.products:
             lines.append("  no matching products")
         for rank, p in enumerate(obj.products, 1):
             best = p.best_offer
             price = f"{best.price:8.2f} {best.currency} at {best.shop}" if best else "no offers"
-            lines.append(f"  {rank:2d}. {p.score:.3f}  {p.product_id:<10} {p.title[:34]:<34} best {price}")
+            mark = f"{MATCH_MARKS.get(p.match or 'other', ''):<12} " if calibrated else ""
+            lines.append(f"  {rank:2d}. {p.score:.3f}  {mark}{p.product_id:<10} {p.title[:34]:<34} best {price}")
             others = ", ".join(f"{o.shop} {o.price:.2f}{'' if o.in_stock else ' (out of stock)'}"
                                for o in p.offers[:max_offers])
             lines.append(f"      offers: {others}")

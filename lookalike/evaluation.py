@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,13 +150,12 @@ def embed_paths(embedder, paths: Sequence[Path], boxes: Sequence | None = None, 
     return np.concatenate(rows) if rows else np.zeros((0, embedder.dim), np.float32)
 
 
-def evaluate_direct(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path, str]],
-                    model_id: str = "efficientnet_lite0", precision: str = "fp32",
-                    detect_weights: str = "none", embedder=None, detector=None) -> dict:
-    """Embed in-process and rank by exact cosine; see the module docstring."""
+def embed_labelled(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path, str]],
+                   model_id: str = "efficientnet_lite0", precision: str = "fp32", detect_weights: str = "none",
+                   embedder=None, detector=None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(embedder, gallery vectors, query vectors) as direct mode computes them (``eval``, ``calibrate``)."""
     from lookalike.shared.embedders import load_embedder
 
-    t0 = time.monotonic()
     if embedder is None:
         embedder = load_embedder(model_id, device="cpu", precision=precision)
     if detector is None and detect_weights.strip().lower() != "none":
@@ -163,10 +163,17 @@ def evaluate_direct(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple
 
         detector = load_detector(detect_weights)
     g_paths, q_paths = [p for p, _ in gallery], [p for p, _ in queries]
-    g_boxes = top_boxes(g_paths, detector) if detector is not None else None
-    q_boxes = top_boxes(q_paths, detector) if detector is not None else None
-    g = embed_paths(embedder, g_paths, g_boxes)
-    q = embed_paths(embedder, q_paths, q_boxes)
+    g = embed_paths(embedder, g_paths, top_boxes(g_paths, detector) if detector is not None else None)
+    q = embed_paths(embedder, q_paths, top_boxes(q_paths, detector) if detector is not None else None)
+    return embedder, g, q
+
+
+def evaluate_direct(gallery: Sequence[tuple[Path, str]], queries: Sequence[tuple[Path, str]],
+                    model_id: str = "efficientnet_lite0", precision: str = "fp32",
+                    detect_weights: str = "none", embedder=None, detector=None) -> dict:
+    """Embed in-process and rank by exact cosine; see the module docstring."""
+    t0 = time.monotonic()
+    embedder, g, q = embed_labelled(gallery, queries, model_id, precision, detect_weights, embedder, detector)
     result = retrieval_metrics(g, [lab for _, lab in gallery], q, [lab for _, lab in queries])
     result.update(model=embedder.spec.id,
                   mode="direct", precision=embedder.precision, detect=detect_weights,

@@ -161,24 +161,15 @@ def read_catalog_photos(path: Path, image_dir: Path | None = None, settings=None
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from pydantic import TypeAdapter
-
+    from lookalike.client import catalog_events
     from lookalike.shared.config import Settings
-    from lookalike.shared.messages import CatalogDelete, CatalogEvent
+    from lookalike.shared.messages import CatalogDelete
 
     settings = settings or Settings()
     path = Path(path)
-    adapter = TypeAdapter(CatalogEvent)  # the model lookalike.client.read_catalog validates with
     report = CatalogPhotos(pairs=[])
     state: dict[str, list] = {}  # product id -> its images: Path (local) or ImageRef (url/data)
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            event = adapter.validate_json(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+    for where, event in catalog_events(path):  # the reader `lookalike index` uses
         report.events += 1
         if isinstance(event, CatalogDelete):
             report.deleted += state.pop(event.product_id, None) is not None

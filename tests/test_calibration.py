@@ -338,7 +338,6 @@ def test_cli_calibrate_on_a_generated_catalogue_stores_the_thresholds(tmp_path, 
 
 
 def test_search_output_shows_the_answer_and_the_marks():
-    from lookalike.cli import format_search
     from lookalike.client import format_result
 
     def result(answer, *marks):
@@ -346,15 +345,15 @@ def test_search_output_shows_the_answer_and_the_marks():
                     for i, m in enumerate(marks)]
         return SearchResult(request_id="r", objects=[ObjectResults(products=products, answer=answer)])
 
-    # uncalibrated: exactly the output of before
-    plain = result(None, None, None)
-    assert format_search(plain) == format_result(plain)
-    lines = format_search(result("same product", "same", "similar", "other")).splitlines()
+    # uncalibrated: no answer, no mark column
+    plain = format_result(result(None, None, None)).splitlines()
+    assert plain[0] == "image (score 1.00):" and plain[1].startswith("   1. 0.900  sku-0")
+    lines = format_result(result("same product", "same", "similar", "other")).splitlines()
     assert lines[0] == "image (score 1.00): same product"
     assert "SAME PRODUCT" in lines[1] and "sku-0" in lines[1]
     assert "similar" in lines[3] and "sku-1" in lines[3]
     assert "SAME" not in lines[5] and "similar" not in lines[5]
-    lines = format_search(result("similar", "similar", "other")).splitlines()
+    lines = format_result(result("similar", "similar", "other")).splitlines()
     assert lines[0] == "image (score 1.00): no confident match \u2014 similar items:"
-    lines = format_search(result("no confident match", "other")).splitlines()
+    lines = format_result(result("no confident match", "other")).splitlines()
     assert lines[0].startswith("image (score 1.00): no confident match \u2014 nothing similar")
