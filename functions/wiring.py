@@ -39,9 +39,11 @@ class Resources:
 
     @classmethod
     def load(cls, settings: Settings, names: tuple[str, ...]) -> "Resources":
+        res = cls(settings)
+        if not {"ingest", "embed", "query"} & set(names):
+            return res.load_detector() if "detect" in names else res  # detect alone needs no model id (no torch)
         from lookalike.shared.embedders import REGISTRY, resolve_model_id
 
-        res = cls(settings)
         res.model_id = resolve_model_id(settings.embed_model, **settings.embedder_options())
         res.collection = settings.collection_name(res.model_id)
         if settings.embed_model == "auto":
@@ -69,13 +71,16 @@ class Resources:
                              f"({res.embedder.precision}, {res.embedder.runtime})")
             metrics.MODEL.info({"model": res.model_id, "device": res.embedder.device,
                                 "precision": res.embedder.precision, "runtime": res.embedder.runtime})
-        if "detect" in names:
-            from lookalike.shared.detector import load_detector
+        return res.load_detector() if "detect" in names else res
 
-            res.detector = load_detector(settings.detect_weights, conf=settings.detect_conf,
-                                         max_objects=settings.detect_max_objects, **settings.detector_labels())
-            res.notes.append(f"detector {type(res.detector).__name__} ({settings.detect_weights})")
-        return res
+    def load_detector(self) -> "Resources":
+        from lookalike.shared.detector import load_detector
+
+        s = self.settings
+        self.detector = load_detector(s.detect_weights, conf=s.detect_conf, max_objects=s.detect_max_objects,
+                                      **s.detector_labels())
+        self.notes.append(f"detector {type(self.detector).__name__} ({s.detect_weights})")
+        return self
 
     def build(self, name: str) -> Function:
         from lookalike.functions.detect.handler import Detect
@@ -106,7 +111,10 @@ def run_function(name: str) -> None:
     ensure_topics(settings.kafka_bootstrap_servers, settings.topic_partitions,
                   replication_factor=settings.topic_replication_factor)
     resources = Resources.load(settings, (name,))
-    supervisors = supervise(resources.build(name), settings, settings.kafka_bootstrap_servers)
+    # Processes run alone share their group with others: on the embedded broker, leaving it on
+    # close could leave the group without a leader (bus.close_consumer).
+    supervisors = supervise(resources.build(name), settings, settings.kafka_bootstrap_servers,
+                            leave_group_on_close=False)
     server = serve_metrics(supervisors, resources, settings) if settings.metrics_port else None
     # SIGTERM: finish the batch in hand, commit, exit.
     stop = threading.Event()
@@ -125,10 +133,12 @@ def run_function(name: str) -> None:
             resources.store.close()
 
 
-def supervise(fn: Function, settings: Settings, bootstrap_servers: str) -> list[Supervisor]:
+def supervise(fn: Function, settings: Settings, bootstrap_servers: str,
+              leave_group_on_close: bool = True) -> list[Supervisor]:
     """Start one supervised runner per lane of ``fn`` (each its own consumer group)."""
     return [
-        Supervisor(Runner.from_settings(fn, settings, bootstrap_servers, lane=lane),
+        Supervisor(Runner.from_settings(fn, settings, bootstrap_servers, lane=lane,
+                                        leave_group_on_close=leave_group_on_close),
                    backoff_max_s=settings.restart_backoff_max_s, stuck_after_s=settings.stuck_after_s).start()
         for lane in fn.lanes()
     ]

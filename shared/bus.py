@@ -241,6 +241,25 @@ def make_consumer(
     return consumer
 
 
+TANSU_CLUSTER_ID = "tansu_cluster"  # the cluster id the Tansu broker reports (its default)
+
+
+def close_consumer(consumer: KafkaConsumer, leave_group: bool = True) -> None:
+    """Close ``consumer`` without committing (the runner commits what it finished itself).
+
+    ``leave_group=False`` matters on Tansu only: Tansu 0.6 keeps a member that leaves while its
+    group is rebalancing as the group's leader for ever, so no member gets partitions again
+    (``python -m bench.tansu_group_repro leader``). Closing without LeaveGroup lets the session
+    timeout drop the member, and the group re-forms. Kafka brokers always get LeaveGroup, so
+    their partitions move at once.
+    """
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    if not leave_group and cluster is not None and cluster.cluster_id == TANSU_CLUSTER_ID:
+        coordinator = consumer._coordinator  # kafka-python has no leave-on-close switch for dynamic members
+        coordinator.maybe_leave_group = lambda *args, **kwargs: coordinator.reset_generation()
+    consumer.close(autocommit=False)
+
+
 def topic_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
     """The topic's partitions, waiting for metadata.
 

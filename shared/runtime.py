@@ -48,7 +48,7 @@ from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
 from lookalike.shared import metrics
-from lookalike.shared.bus import make_consumer, make_producer
+from lookalike.shared.bus import close_consumer, make_consumer, make_producer
 from lookalike.shared.errors import PoisonMessage, SourceUnavailable, TransientError, describe_errors
 from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
 from lookalike.shared.messages import (
@@ -162,7 +162,7 @@ class Runner:
     def __init__(self, function: Function, bootstrap_servers: str, *, lane: str = "", poll_max_records: int = 32,
                  poll_timeout_ms: int = 200, batch_max_wait_ms: int = 0, session_timeout_ms: int = 10000,
                  max_attempts: int = 3, backoff_max_s: float = 30.0, consumer_factory: Callable | None = None,
-                 producer_factory: Callable | None = None):
+                 producer_factory: Callable | None = None, leave_group_on_close: bool = True):
         self.function = function
         self.lane = lane
         self.routes = {r.topic: r for r in function.routes() if r.lane == lane}
@@ -179,6 +179,8 @@ class Runner:
         self.max_attempts = max_attempts
         self.backoff_max_s = backoff_max_s
         self.group_id = consumer_group(function.name, lane)
+        # False for processes that share a group on the embedded broker: see bus.close_consumer.
+        self.leave_group_on_close = leave_group_on_close
         self._consumer_factory = consumer_factory or (
             lambda: make_consumer(self.bootstrap_servers, self.group_id, list(self.routes), self.session_timeout_ms,
                                   client_id=f"lookalike-{self.name}"))
@@ -193,8 +195,10 @@ class Runner:
         self.last_error = ""
 
     @classmethod
-    def from_settings(cls, function: Function, settings, bootstrap_servers: str, lane: str = "") -> "Runner":
-        return cls(function, bootstrap_servers, lane=lane, poll_max_records=settings.poll_max_records,
+    def from_settings(cls, function: Function, settings, bootstrap_servers: str, lane: str = "",
+                      leave_group_on_close: bool = True) -> "Runner":
+        return cls(function, bootstrap_servers, lane=lane, leave_group_on_close=leave_group_on_close,
+                   poll_max_records=settings.poll_max_records,
                    poll_timeout_ms=settings.poll_timeout_ms, batch_max_wait_ms=settings.batch_max_wait_ms,
                    session_timeout_ms=settings.session_timeout_ms,
                    max_attempts=settings.max_attempts, backoff_max_s=settings.backoff_max_s)
@@ -265,7 +269,7 @@ class Runner:
                 producer.flush(timeout=10)
                 producer.close(timeout=10)
             finally:
-                consumer.close(autocommit=False)
+                close_consumer(consumer, self.leave_group_on_close)
             log.info("%s: stopped", self.name)
 
     def _linger(self, consumer, have: int) -> list:
