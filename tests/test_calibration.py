@@ -7,9 +7,7 @@ embedder on a tiny generated catalogue.
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ from lookalike.shared.config import Settings
 from lookalike.shared.detector import WholeImageDetector
 from lookalike.shared.messages import MatchedProduct, ObjectResults, RecommendRequest, SearchRequest, SearchResult
 from lookalike.shared.stores import CollectionSpec, EdgeStore
+from tests.test_evaluation import write_csv  # the labelled-CSV writer the eval tests use
 from tests.test_handlers import ColourEmbedder, data, photo, upsert
 
 COLLECTION = "test__colour"
@@ -292,13 +291,6 @@ def test_query_function_loads_the_thresholds_stored_for_its_model(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI
 
-
-def write_csv(path: Path, rows) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        w.writerows((str(p), lab) for p, lab in rows)
-    return path
 
 
 def test_cli_calibrate_on_a_generated_catalogue_stores_the_thresholds(tmp_path, capsys):
