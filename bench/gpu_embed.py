@@ -39,6 +39,7 @@ from lookalike.functions.embed.handler import Embed
 from lookalike.shared.embedders import REGISTRY, TorchEmbedder
 from lookalike.shared.embedding import ImageJob
 from lookalike.shared.images import crop, open_jpeg
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import (
     THUMBNAIL_SIDE,
     Box,
@@ -81,6 +82,9 @@ class CountingStore:
 
     def upsert(self, collection: str, points: list) -> None:
         self.points += len(points)
+
+    def read_doc(self, name: str) -> None:
+        return None  # no index state: the one model is active
 
 
 def sync() -> None:
@@ -128,7 +132,8 @@ def replica(rank: int, records: int, batch: int, model_id: str, device: str, bar
     polls of 4 batches; reports when its timed passes started and ended."""
     unique = [photo(10_000 * (rank + 1) + k) for k in range(128)]
     values = [record(k, unique[k % len(unique)]) for k in range(records)]
-    embed = Embed(TorchEmbedder(REGISTRY[model_id], model_for(model_id), device, "bf16", batch), CountingStore(), "b")
+    embedder = TorchEmbedder(REGISTRY[model_id], model_for(model_id), device, "bf16", batch)
+    embed = Embed(embedder, Indexes.fixed(CountingStore(), "b", model_id))
     route = Route("images.detected", DetectedMessage, lambda m: [], batch=True)
 
     def run() -> None:
@@ -188,7 +193,7 @@ def main() -> None:
     model = model_for(args.model)
     embedder = TorchEmbedder(spec, copy.deepcopy(model), device, "bf16", batch)
     store = CountingStore()
-    embed = Embed(embedder, store, "bench")
+    embed = Embed(embedder, Indexes.fixed(store, "bench", embedder.spec.id))
     parsed = [[route.parse(v) for v in chunk] for chunk in chunks]
     jobs = [ImageJob(base64.b64decode(m.jpeg), [o.box for o in m.objects], THUMBNAIL_SIDE) for c in parsed for m in c]
     ready = torch.randint(0, 256, (batch, spec.preprocessing.crop, spec.preprocessing.crop, 3),

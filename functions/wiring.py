@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from lookalike.shared import metrics
 from lookalike.shared.bus import OffsetReader, ensure_topics
 from lookalike.shared.config import Settings
+from lookalike.shared.indexes import STATE_DOC, Indexes, ModelRef, default_model
 from lookalike.shared.logs import setup_logging
 from lookalike.shared.runtime import Function, Runner, Supervisor
 from lookalike.shared.stores import CollectionSpec, VectorStore, open_store
@@ -30,8 +31,7 @@ class Resources:
 
     settings: Settings
     store: VectorStore | None = None
-    model_id: str = ""
-    collection: str = ""
+    indexes: Indexes | None = None  # which model's collection is active (lookalike.shared.indexes)
     embedder: object | None = None
     detector: object | None = None
     thresholds: object | None = None  # query: Thresholds from `lookalike calibrate`, None: uncalibrated
@@ -42,36 +42,74 @@ class Resources:
         res = cls(settings)
         if not {"ingest", "embed", "query"} & set(names):
             return res.load_detector() if "detect" in names else res  # detect alone needs no model id (no torch)
-        from lookalike.shared.embedders import REGISTRY, resolve_model_id
+        from lookalike.shared.embedders import REGISTRY
 
-        res.model_id = resolve_model_id(settings.embed_model, **settings.embedder_options())
-        res.collection = settings.collection_name(res.model_id)
+        default = default_model(settings)
+        default_id = default.id
         if settings.embed_model == "auto":
-            why = ("its weights were found" if res.model_id == "resnet50" else
+            why = ("its weights were found" if default_id == "resnet50" else
                    "resnet50 weights are not available offline; set EMBED_WEIGHTS or put them in torch's cache")
-            res.notes.append(f"EMBED_MODEL=auto chose {res.model_id} ({why})")
+            res.notes.append(f"EMBED_MODEL=auto chose {default_id} ({why})")
         if "query" in names:  # before the store opens: a broken file fails the start, nothing to undo
-            from lookalike.functions.query.handler import Thresholds, calibration_path
-
-            path = calibration_path(settings.data_dir, res.model_id)
-            res.thresholds = Thresholds.load(path, res.model_id, settings.distance)
-            if res.thresholds is not None:
-                res.notes.append(f"calibrated answers ({path}): {res.thresholds.describe()}")
-        if {"ingest", "embed", "query"} & set(names):
-            res.store = open_store(settings.qdrant_url, settings.data_dir, **settings.qdrant_options())
-            res.store.ensure_collection(CollectionSpec(res.collection, REGISTRY[res.model_id].dim, settings.distance))
+            res.thresholds = res.load_thresholds(default_id)
+        res.store = open_store(settings.qdrant_url, settings.data_dir, **settings.qdrant_options())
+        res.indexes = Indexes(res.store, default, settings.collection_name)
+        state = res.indexes.state()
+        if state.active != default:
+            res.notes.append(f"EMBED_MODEL={settings.embed_model} is not what searches use: the store's index "
+                             f"state says {state.describe()} (lookalike reindex)")
+        if state.building or state.previous:
+            res.notes.append(f"model upgrade under way: {state.describe()}")
+        if state.active == default:
+            collection = res.collection
+            if collection not in res.store.collections():
+                others = [c for c in res.store.collections() if c.startswith("lookalike__") and res.store.count(c)]
+                if others and res.store.read_doc(STATE_DOC) is None:
+                    res.notes.append(f"{collection} is new and empty while {', '.join(others)} holds the catalogue: "
+                                     f"to change models, start with the old EMBED_MODEL and use lookalike reindex")
+            res.store.ensure_collection(CollectionSpec(collection, REGISTRY[default_id].dim, settings.distance))
         if "embed" in names:
-            from lookalike.shared.embedders import load_embedder
-
-            res.embedder = load_embedder(res.model_id, settings.embed_device, settings.embed_precision,
-                                         batch_size=settings.embed_batch_size, allow_download=settings.allow_download,
-                                         runtime=settings.embed_runtime, cache_dir=settings.onnx_cache_dir(),
-                                         **settings.embedder_options())
-            res.notes.append(f"embedder {res.model_id} on {res.embedder.device} "
+            res.embedder = res.load_embedder(state.active)
+            res.notes.append(f"embedder {state.active.id} on {res.embedder.device} "
                              f"({res.embedder.precision}, {res.embedder.runtime})")
-            metrics.MODEL.info({"model": res.model_id, "device": res.embedder.device,
+            metrics.MODEL.info({"model": state.active.id, "device": res.embedder.device,
                                 "precision": res.embedder.precision, "runtime": res.embedder.runtime})
         return res.load_detector() if "detect" in names else res
+
+    @property
+    def model_id(self) -> str:
+        """The active model (it changes when a reindex switches); "" for detect alone."""
+        return self.indexes.state().active.id if self.indexes else ""
+
+    @property
+    def collection(self) -> str:
+        return self.indexes.active_collection() if self.indexes else ""
+
+    def load_embedder(self, ref: ModelRef):
+        """The embedder of ``ref`` (EMBED_MODEL's, or one a reindex made live), as settings say to run it."""
+        from lookalike.shared.embedders import load_embedder
+
+        s = self.settings
+        options = s.embedder_options()
+        if ref.spec != s.embed_model:
+            options.pop("weights_path", None)  # EMBED_WEIGHTS belongs to EMBED_MODEL
+        return load_embedder(ref.spec, s.embed_device, s.embed_precision, batch_size=s.embed_batch_size,
+                             allow_download=s.allow_download, runtime=s.embed_runtime, cache_dir=s.onnx_cache_dir(),
+                             **options)
+
+    def live_collections(self) -> list[str]:
+        """The collections catalogue changes go to: one, or two during a model upgrade."""
+        return [self.indexes.collection(m.id) for m in self.indexes.state().live()] if self.indexes else []
+
+    def load_thresholds(self, model_id: str):
+        """``lookalike calibrate``'s thresholds for ``model_id``, None when there are none."""
+        from lookalike.functions.query.handler import Thresholds, calibration_path
+
+        path = calibration_path(self.settings.data_dir, model_id)
+        thresholds = Thresholds.load(path, model_id, self.settings.distance)
+        if thresholds is not None:
+            self.notes.append(f"calibrated answers for {model_id} ({path}): {thresholds.describe()}")
+        return thresholds
 
     def load_detector(self) -> "Resources":
         from lookalike.shared.detector import load_detector
@@ -89,15 +127,15 @@ class Resources:
         from lookalike.functions.query.handler import Query
 
         if name == "ingest":
-            return Ingest(self.settings, self.store, self.collection)
+            return Ingest(self.settings, self.indexes)
         if name == "detect":
             return Detect(self.detector)
         if name == "embed":
-            return Embed(self.embedder, self.store, self.collection)
+            return Embed(self.embedder, self.indexes, self.load_embedder, self.settings.distance)
         if name == "query":
-            return Query(self.store, self.collection, self.model_id, self.settings.search_oversample,
-                         self.settings.merge_threshold, self.settings.search_max_points,
-                         thresholds=self.thresholds)
+            return Query(self.indexes, self.settings.search_oversample, self.settings.merge_threshold,
+                         self.settings.search_max_points, thresholds=self.thresholds,
+                         load_thresholds=self.load_thresholds)
         raise ValueError(f"unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
 
 
@@ -154,7 +192,7 @@ def serve_metrics(supervisors: list[Supervisor], resources: Resources, settings:
         lanes = {s.runner.name: s.health() for s in supervisors}
         return all(h["ok"] for h in lanes.values()), lanes
 
-    refresh = metrics.GaugeRefresher(supervisors, offsets, resources.store, resources.collection)
+    refresh = metrics.GaugeRefresher(supervisors, offsets, resources.store, resources.live_collections)
     try:
         return metrics.serve(settings.metrics_port, health, refresh)
     except OSError as e:

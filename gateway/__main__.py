@@ -8,7 +8,7 @@ import uvicorn
 
 from lookalike.gateway.app import create_app
 from lookalike.shared.config import Settings
-from lookalike.shared.embedders import resolve_model_id
+from lookalike.shared.indexes import Indexes, default_model
 from lookalike.shared.logs import setup_logging
 from lookalike.shared.stores import open_store
 
@@ -20,8 +20,8 @@ def main() -> None:
         raise SystemExit("the gateway alone needs KAFKA_BOOTSTRAP_SERVERS and QDRANT_URL "
                          "(or use `lookalike up`, which serves it in the embedded stack)")
     store = open_store(settings.qdrant_url, settings.data_dir, **settings.qdrant_options())
-    collection = settings.collection_name(resolve_model_id(settings.embed_model, **settings.embedder_options()))
-    app = create_app(settings.kafka_bootstrap_servers, store, collection, settings)
+    indexes = Indexes(store, default_model(settings), settings.collection_name)
+    app = create_app(settings.kafka_bootstrap_servers, store, indexes, settings)
     uvicorn.run(app, host=settings.gateway_host, port=settings.gateway_port, log_level="warning")
 
 

@@ -64,6 +64,7 @@ from lookalike.shared.bus import OffsetReader, make_producer
 from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage, describe_errors
 from lookalike.shared.images import ImageTooLarge, decode, to_jpeg
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.limits import FORM_OVERHEAD_BYTES, MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_TOP_K, fits_message
 from lookalike.shared.messages import (
     CATALOG_INDEXED,
@@ -113,11 +114,12 @@ class GatewayTimeout(Exception):
 class Gateway:
     """What the endpoints share: producer, results listener, offsets reader, store."""
 
-    def __init__(self, bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings,
+    def __init__(self, bootstrap_servers: str, store: VectorStore, indexes: Indexes | str, settings: Settings,
                  function_health: Callable[[], dict[str, dict]] | None = None):
         self.bootstrap_servers = bootstrap_servers
         self.store = store
-        self.collection = collection
+        # The active model's collection, read when needed: a reindex switches it (lookalike.shared.indexes).
+        self.indexes = indexes if isinstance(indexes, Indexes) else Indexes.fixed(store, indexes)
         self.settings = settings
         self.function_health = function_health  # {function: {"ok": bool, ...}}, from whoever runs them
         self.timeout_s = settings.gateway_timeout_s
@@ -181,8 +183,10 @@ class Gateway:
             healthy = False
             out["broker"] = {"ok": False, "error": str(e) or type(e).__name__}
         try:
-            out["store"] = {"ok": True, "backend": self.store.backend, "collection": self.collection,
-                            "points": self.store.count(self.collection)}
+            state = self.indexes.state()
+            collection = self.indexes.collection(state.active.id)
+            out["store"] = {"ok": True, "backend": self.store.backend, "collection": collection,
+                            "points": self.store.count(collection), "index": state.describe()}
         except Exception as e:
             healthy = False
             out["store"] = {"ok": False, "error": str(e) or type(e).__name__}
@@ -581,14 +585,14 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: HTTPExcepti
 # --------------------------------------------------------------------------- app
 
 
-def create_app(bootstrap_servers: str, store: VectorStore, collection: str, settings: Settings | None = None,
+def create_app(bootstrap_servers: str, store: VectorStore, indexes: Indexes | str, settings: Settings | None = None,
                function_health: Callable[[], dict[str, dict]] | None = None,
                refresh_metrics: Callable[[], None] | None = None) -> FastAPI:
     """The gateway app; ``function_health`` reports each pipeline function for /healthz (503 if one is not ok),
     ``refresh_metrics`` reads their gauges (lag, dead letters, points) before /metrics answers."""
     settings = settings or Settings()
     keys = api_keys(settings)
-    gw = Gateway(bootstrap_servers, store, collection, settings, function_health)
+    gw = Gateway(bootstrap_servers, store, indexes, settings, function_health)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -686,7 +690,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
              response_class=Response, dependencies=api_key,
              responses={200: {"content": {"image/jpeg": {}}}, 404: {}})
     def product_image(product_id: str, image_id: str) -> Response:
-        for payload in store.product_payloads(collection, product_id):
+        for payload in store.product_payloads(gw.indexes.active_collection(), product_id):
             if payload.get("image_id") == image_id and payload.get("thumbnail"):
                 try:
                     jpeg = base64.b64decode(payload["thumbnail"], validate=True)
@@ -698,7 +702,7 @@ def create_app(bootstrap_servers: str, store: VectorStore, collection: str, sett
     @app.get("/api/products/{product_id:path}", summary="A product: catalogue fields, offers, images",
              dependencies=api_key)
     def product(product_id: str) -> dict:
-        payloads = store.product_payloads(collection, product_id)
+        payloads = store.product_payloads(gw.indexes.active_collection(), product_id)
         if not payloads:
             raise HTTPException(404, f"product {product_id} is not indexed")
         first = payloads[0]

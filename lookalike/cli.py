@@ -1,4 +1,4 @@
-"""The ``lookalike`` command: up, index, search, status, topics, demo, eval, finetune, reindex, calibrate."""
+"""The ``lookalike`` command: up, index, search, status, topics, demo, reindex, eval, finetune, calibrate."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def cmd_status(args, settings: Settings) -> None:
     client = Client(_bootstrap(settings), settings.topic_partitions, settings.topic_replication_factor)
     status = client.status()
     info = read_stack_file(settings.data_dir) or {}
-    status["store"] = {k: info.get(k) for k in ("store", "model", "collection", "points", "notes")}
+    status["store"] = {k: info.get(k) for k in ("store", "model", "collection", "index", "points", "notes")}
     status["counters"] = info.get("counters")
     status["functions"] = info.get("functions")
     if args.json:
@@ -117,6 +117,8 @@ def cmd_status(args, settings: Settings) -> None:
         return
     s = status["store"]
     print(f"model      {s['model']}  collection {s['collection']}  ({s['store']})")
+    if s.get("index") and s["index"] != f"active {s['model']}":
+        print(f"index      {s['index']}")
     print(f"points     {s['points']}")
     for note in s.get("notes") or []:
         print(f"           {note}")
@@ -307,8 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
                    help="keep serving the web page after the search (default: when run from a terminal)")
 
-    from lookalike.quality import add_commands as add_quality_commands  # eval, finetune, reindex
+    from lookalike.quality import add_commands as add_quality_commands  # eval, finetune, calibrate
+    from lookalike.reindex import ReindexFailed, cmd_reindex
+    from lookalike.reindex import add_command as add_reindex_command
 
+    add_reindex_command(sub)
     quality_handlers = add_quality_commands(sub)
 
     args = parser.parse_args(argv)
@@ -319,11 +324,11 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     settings = Settings(LOOKALIKE_DATA_DIR=args.data_dir) if args.data_dir else Settings()
     handlers = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "status": cmd_status, "demo": cmd_demo,
-                "dlq": cmd_dlq, "topics": cmd_topics}
+                "dlq": cmd_dlq, "topics": cmd_topics, "reindex": cmd_reindex}
     handlers.update(quality_handlers)
     try:
         handlers[args.command](args, settings)
-    except (TimeoutError, ValueError, OSError) as e:  # OSError: a missing file, a busy port
+    except (TimeoutError, ValueError, OSError, ReindexFailed) as e:  # OSError: a missing file, a busy port
         print(f"lookalike {args.command}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

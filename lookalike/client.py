@@ -30,12 +30,15 @@ from lookalike.shared.messages import (
     ALL_TOPICS,
     CATALOG_EVENTS,
     CATALOG_INDEXED,
+    IMAGES_DETECTED,
+    IMAGES_NORMALIZED,
     RECOMMEND_REQUESTS,
     SEARCH_REQUESTS,
     CatalogEvent,
     CatalogIndexed,
     CatalogUpsert,
     ImageRef,
+    IndexCommand,
     Message,
     RecommendRequest,
     SearchRequest,
@@ -129,6 +132,14 @@ class IndexReport:
         lines += [f"  incomplete {pid}: {n} image(s) have no points (dead-lettered on the way; see "
                   f"`lookalike status`), send the event again" for pid, n in self.incomplete]
         return "\n".join(lines)
+
+
+def _event_id(value: bytes) -> str | None:
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    return doc.get("event_id") if isinstance(doc, dict) else None
 
 
 class Client:
@@ -255,6 +266,36 @@ class Client:
                 raise TimeoutError(f"catalogue not indexed after {timeout_s:.0f} s (lag {self.index_lag()})")
             time.sleep(poll_s)
         return time.monotonic() - start
+
+    def command(self, command: IndexCommand, timeout_s: float = 600.0) -> CatalogIndexed:
+        """Send an index command (``lookalike reindex``) and wait for embed's report of it.
+
+        The report's ``outcome`` is "indexed" when it was applied, else "incomplete" with the
+        reason in ``detail``. A command dead-lettered on its way (a bug, or a function of an
+        older release that cannot read it) raises ``RuntimeError`` with the DLQ's reason.
+        """
+        ensure_topics(self.bootstrap_servers, self.topic_partitions, replication_factor=self.replication_factor)
+        path = [CATALOG_EVENTS, IMAGES_NORMALIZED, IMAGES_DETECTED]
+        watcher = tail_consumer(self.bootstrap_servers, [CATALOG_INDEXED] + [dlq_topic(t) for t in path],
+                                "lookalike-cli")
+        start = time.monotonic()
+        try:
+            self.publish(CATALOG_EVENTS, [command])
+            while time.monotonic() - start < timeout_s:
+                for tp, records in watcher.poll(timeout_ms=200).items():
+                    for r in records:
+                        if tp.topic == CATALOG_INDEXED:
+                            report = CatalogIndexed.model_validate_json(r.value)
+                            if report.event_id == command.event_id:
+                                return report
+                        elif _event_id(r.value) == command.event_id:
+                            headers = {k: v.decode(errors="replace") for k, v in r.headers or []}
+                            raise RuntimeError(f"index {command.action} was dead-lettered on {tp.topic}: "
+                                               f"{headers.get('dlq.reason', '')}")
+        finally:
+            watcher.close(autocommit=False)
+        raise TimeoutError(f"index {command.action}: no report from embed after {timeout_s:.0f} s "
+                           "(is the embed function running? `lookalike status`)")
 
     def request(self, topic: str, message: SearchRequest | RecommendRequest, timeout_s: float = 60.0) -> SearchResult:
         """Publish a request and wait for its result on search.results (matched by request_id)."""

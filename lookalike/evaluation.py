@@ -272,31 +272,3 @@ def format_result(r: dict) -> str:
 
 def json_line(r: dict) -> str:
     return json.dumps(r, sort_keys=True)
-
-
-def reindex(settings, model_id: str, catalog: Path, timeout_s: float = 3600.0) -> dict:
-    """Rebuild ``model_id``'s collection from a catalogue file through the embedded pipeline.
-
-    The store keeps no image bytes (only image ids), so the images come from the
-    catalogue file. Each listed product's points in this collection are removed first,
-    so ingest treats every image as new and embed writes them again.
-    """
-    from lookalike.client import Client, read_catalog
-    from lookalike.shared.messages import CATALOG_EVENTS
-    from lookalike.stack import Stack
-
-    settings = settings.model_copy(update={"embed_model": model_id})
-    events = read_catalog(Path(catalog))
-    t0 = time.monotonic()
-    with Stack(settings) as stack:
-        store, coll = stack.resources.store, stack.resources.collection
-        for pid in {getattr(e, "product_id", None) for e in events} - {None}:
-            store.delete_product(coll, pid)  # ingest then finds no points and embeds every image anew
-        client = Client(stack.bootstrap_servers)
-        try:
-            client.publish(CATALOG_EVENTS, events)
-            client.wait_indexed(timeout_s)
-        finally:
-            client.close()
-        return {"model": stack.resources.model_id, "collection": coll, "events": len(events),
-                "points": store.count(coll), "seconds": round(time.monotonic() - t0, 1)}

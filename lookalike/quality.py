@@ -1,6 +1,6 @@
-"""The quality commands: ``lookalike eval``, ``finetune``, ``reindex`` and ``calibrate``.
+"""The quality commands: ``lookalike eval``, ``finetune`` and ``calibrate``.
 
-``python -m lookalike.quality eval|finetune|reindex ...`` runs them without the rest of the CLI.
+``python -m lookalike.quality eval|finetune|calibrate ...`` runs them without the rest of the CLI.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from lookalike.evaluation import evaluate, format_result, json_line, read_labelled_csv, reindex
+from lookalike.evaluation import evaluate, format_result, json_line, read_labelled_csv
 
 
 def cmd_eval(args, settings) -> None:
@@ -66,16 +66,8 @@ def cmd_finetune(args, settings) -> None:
         print(json.dumps({k: manifest[k] for k in ("id", "dim", "best_epoch", "stopped", "metrics", "timing_s")}))
 
 
-def cmd_reindex(args, settings) -> None:
-    if settings.kafka_bootstrap_servers:
-        raise ValueError("reindex runs its own embedded pipeline; unset KAFKA_BOOTSTRAP_SERVERS")
-    r = reindex(settings, args.model, Path(args.catalog), args.timeout)
-    print(f"reindexed {r['events']} catalogue events into {r['collection']} (model {r['model']}): "
-          f"{r['points']} points in {r['seconds']} s")
-
-
 def add_commands(sub) -> dict:
-    """Add ``eval``, ``finetune`` and ``reindex`` to the ``lookalike`` parser; returns their handlers."""
+    """Add ``eval``, ``finetune`` and ``calibrate`` to the ``lookalike`` parser; returns their handlers."""
     p = sub.add_parser("eval", help="Recall@1/5/10 and mAP@10 of a gallery CSV against a query CSV (path,label)")
     p.add_argument("--gallery", required=True, help="CSV path,label: indexed, one product per label")
     p.add_argument("--queries", required=True, help="CSV path,label: searched")
@@ -119,19 +111,15 @@ def add_commands(sub) -> dict:
     p.add_argument("--cache-dir", help="keep the frozen-trunk features here and reuse them on the next run")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("reindex", help="rebuild a model's collection from a catalogue file (embedded pipeline)")
-    p.add_argument("--model", required=True, help="embedder id or fine-tuned model directory")
-    p.add_argument("--catalog", required=True, help="catalogue JSONL (as for `lookalike index`): the image source")
-    p.add_argument("--timeout", type=float, default=3600)
     from lookalike.calibration import add_command as add_calibrate_command
     from lookalike.calibration import cmd_calibrate
 
     add_calibrate_command(sub)  # calibrate: lookalike/calibration.py
-    return {"eval": cmd_eval, "finetune": cmd_finetune, "reindex": cmd_reindex, "calibrate": cmd_calibrate}
+    return {"eval": cmd_eval, "finetune": cmd_finetune, "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lookalike.quality eval|finetune|reindex ...``: the same as ``lookalike eval|finetune|reindex``."""
+    """``python -m lookalike.quality eval|finetune|calibrate ...``: as ``lookalike eval|finetune|calibrate``."""
     import argparse
     import os
 

@@ -10,8 +10,11 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lookalike.functions.wiring import FUNCTIONS, Resources, supervise
@@ -69,8 +72,8 @@ class Stack:
             try:
                 self._offsets = OffsetReader(self.bootstrap_servers)
                 refresh = GaugeRefresher(list(self.supervisors.values()), self._offsets, self.resources.store,
-                                         self.resources.collection)
-                app = create_app(self.bootstrap_servers, self.resources.store, self.resources.collection, s,
+                                         self.resources.live_collections)
+                app = create_app(self.bootstrap_servers, self.resources.store, self.resources.indexes, s,
                                  function_health=self.health, refresh_metrics=refresh)
                 self.gateway = GatewayServer(app, s.gateway_host, s.gateway_port).start()
             except Exception:
@@ -86,6 +89,7 @@ class Stack:
             "bootstrap_servers": self.bootstrap_servers,
             "model": self.resources.model_id,
             "collection": self.resources.collection,
+            "index": self.resources.indexes.state().describe() if self.resources.indexes else None,
             "store": self.resources.store.backend if self.resources.store else None,
             "gateway": self.gateway.url if self.gateway else None,
             "points": self.resources.store.count(self.resources.collection) if self.resources.store else None,
@@ -145,6 +149,29 @@ class Stack:
                 # of the catalogue then converges (only images without points are embedded).
                 raise SystemExit(f"the embedded broker exited (code {self.broker.process.returncode}); "
                                  "restart `lookalike up` and run `lookalike index` again")
+
+
+@contextmanager
+def running_pipeline(settings: Settings) -> Iterator:
+    """A ``Client`` of the running pipeline (KAFKA_BOOTSTRAP_SERVERS, else `lookalike up`'s from its stack
+    file); with neither, an embedded stack started for the caller and stopped after it."""
+    from lookalike.client import Client
+
+    stack = None
+    info = read_stack_file(settings.data_dir)
+    if settings.kafka_bootstrap_servers or info:
+        bootstrap = settings.kafka_bootstrap_servers or info["bootstrap_servers"]
+    else:
+        print(f"no running stack in {settings.data_dir}: starting an embedded one for this command", file=sys.stderr)
+        stack = Stack(settings).start()
+        bootstrap = stack.bootstrap_servers
+    client = Client(bootstrap, settings.topic_partitions, settings.topic_replication_factor)
+    try:
+        yield client
+    finally:
+        client.close()
+        if stack is not None:
+            stack.stop()
 
 
 def read_stack_file(data_dir: Path) -> dict | None:

@@ -236,7 +236,32 @@ class CatalogDelete(Message):
         return self.product_id
 
 
-CatalogEvent = Annotated[CatalogUpsert | CatalogDelete, Field(discriminator="type")]
+# The key of index commands: one partition, so they apply in the order they were sent.
+INDEX_KEY = "lookalike.index"
+
+
+class IndexCommand(Message):
+    """A step of a model upgrade (``lookalike reindex``; states in ``lookalike.shared.indexes``).
+
+    Sent on catalog.events (``type`` "index"); ingest checks it against the index state and
+    passes it on (``intent`` "command") through images.normalized and images.detected to
+    embed, which holds the models: embed applies it and reports it on catalog.indexed.
+    """
+
+    type: Literal["index"] = "index"
+    intent: Literal["command"] = "command"
+    event_id: Id = Field(default_factory=new_id)
+    product_id: Literal["lookalike.index"] = INDEX_KEY  # what reports and dead letters name
+    action: Literal["build", "switch", "rollback", "finish", "abort"]
+    model: Id | None = None  # model id: build (required), switch and abort (checked when given)
+    model_spec: Url | None = None  # build: what loads it, a registered id or a fine-tuned model directory
+    force: bool = False  # switch: even when the new collection does not hold as many points as the active one
+
+    def key(self) -> str:
+        return INDEX_KEY
+
+
+CatalogEvent = Annotated[CatalogUpsert | CatalogDelete | IndexCommand, Field(discriminator="type")]
 
 
 # --------------------------------------------------------------------------- search / recommend requests
@@ -278,6 +303,9 @@ class IndexContext(Part):
     product: ProductInfo
     image_index: int = Field(ge=0)
     image_url: Url | None = None
+    # The models whose collections lack this image (ingest decides from the points); None: every
+    # collection that receives catalogue changes (lookalike.shared.indexes).
+    models: list[Id] | None = Field(default=None, max_length=3)
 
     @model_validator(mode="before")
     @classmethod
@@ -373,13 +401,14 @@ class CatalogIndexed(Message):
     new_images: int = 0  # images that went through detect and embed
     images: int = 0  # images the product has points for after the event
     missing_images: int = 0  # images the event named that have no points
+    detail: Title | None = None  # an index command: why it was not applied ("incomplete")
 
     def key(self) -> str:
         return self.product_id
 
 
-NormalizedMessage = Annotated[NormalizedImage | ProductSync, Field(discriminator="intent")]
-DetectedMessage = Annotated[DetectedImage | ProductSync, Field(discriminator="intent")]
+NormalizedMessage = Annotated[NormalizedImage | ProductSync | IndexCommand, Field(discriminator="intent")]
+DetectedMessage = Annotated[DetectedImage | ProductSync | IndexCommand, Field(discriminator="intent")]
 
 
 class QueryObject(Part):

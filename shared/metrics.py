@@ -59,8 +59,9 @@ class GaugeRefresher:
     not load the broker. ``supervisors`` are ``runtime.Supervisor``s, ``offsets`` a ``bus.OffsetReader``.
     """
 
-    def __init__(self, supervisors: list, offsets, store=None, collection: str = ""):
-        self.supervisors, self.offsets, self.store, self.collection = supervisors, offsets, store, collection
+    def __init__(self, supervisors: list, offsets, store=None, collections: Callable[[], list[str]] | None = None):
+        """``collections``: the ones to count points of, read at each refresh (a reindex changes them)."""
+        self.supervisors, self.offsets, self.store, self.collections = supervisors, offsets, store, collections
         self._lock = threading.Lock()
         self._last = -REFRESH_EVERY_S
 
@@ -82,8 +83,9 @@ class GaugeRefresher:
                 CONSUMER_LAG.labels(runner.group_id, topic).set(lag)
             for topic, held in self.offsets.sizes([f"{t}.dlq" for t in runner.routes]).items():
                 DLQ_RECORDS.labels(topic).set(held)
-        if self.store is not None:
-            STORE_POINTS.labels(self.collection).set(self.store.count(self.collection))
+        if self.store is not None and self.collections is not None:
+            for collection in self.collections():
+                STORE_POINTS.labels(collection).set(self.store.count(collection))
 
 
 def serve(port: int, health: Callable[[], tuple[bool, dict]], refresh: Callable[[], None] | None = None,

@@ -23,13 +23,12 @@ SCREENSHOTS = OUTPUT_DIR / "browser"
 @pytest.fixture(scope="module")
 def site(kafka_bootstrap, tmp_path_factory):
     """The embedded stack with its gateway on a free loopback port, the sample catalogue indexed."""
+    from lookalike.calibration import write_calibration
     from lookalike.client import Client, read_catalog
+    from lookalike.functions.query.handler import CALIBRATION_FORMAT, calibration_path
     from lookalike.sample_catalog import generate
     from lookalike.shared.messages import CATALOG_EVENTS
     from lookalike.stack import Stack
-
-    from lookalike.calibration import write_calibration
-    from lookalike.functions.query.handler import CALIBRATION_FORMAT, calibration_path
 
     catalog = generate(tmp_path_factory.mktemp("browser-sample"), n_products=6, photos_per_product=3, seed=2)
     settings = make_settings(tmp_path_factory.mktemp("browser-stack"), kafka_bootstrap_servers=kafka_bootstrap,

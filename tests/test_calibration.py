@@ -25,6 +25,7 @@ from lookalike.functions.ingest.handler import Ingest
 from lookalike.functions.query.handler import CALIBRATION_FORMAT, Query, Thresholds, calibration_path
 from lookalike.shared.config import Settings
 from lookalike.shared.detector import WholeImageDetector
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import MatchedProduct, ObjectResults, RecommendRequest, SearchRequest, SearchResult
 from lookalike.shared.stores import CollectionSpec, EdgeStore
 from tests.test_evaluation import write_csv  # the labelled-CSV writer the eval tests use
@@ -184,8 +185,8 @@ def store(tmp_path):
 def functions(tmp_path, store):
     """ingest -> detect -> embed by hand, red and orange-red and blue products indexed."""
     settings = Settings(LOOKALIKE_DATA_DIR=str(tmp_path))
-    ingest, detect, embed = Ingest(settings, store, COLLECTION), Detect(WholeImageDetector()), Embed(
-        ColourEmbedder(), store, COLLECTION)
+    indexes = Indexes.fixed(store, COLLECTION, "colour")
+    ingest, detect, embed = Ingest(settings, indexes), Detect(WholeImageDetector()), Embed(ColourEmbedder(), indexes)
     for event in (upsert("red", colors=[(200, 30, 30)]), upsert("orange", colors=[(200, 90, 30)]),
                   upsert("blue", colors=[(30, 30, 200)])):
         for e in ingest.on_catalog_event(event):
@@ -206,7 +207,7 @@ def test_query_marks_its_results_from_the_thresholds(functions, store):
     red = photo((205, 28, 28))
     # GIVEN an uncalibrated query function (no merging: orange is close to red): results as before,
     # nothing new on the wire
-    plain = functions(Query(store, COLLECTION, "colour", merge_threshold=1.0), red)
+    plain = functions(Query(Indexes.fixed(store, COLLECTION, "colour"), merge_threshold=1.0), red)
     obj = plain.objects[0]
     assert obj.answer is None and all(p.match is None for p in obj.products)
     assert b'"answer"' not in plain.to_bytes() and b'"match"' not in plain.to_bytes()
@@ -214,7 +215,7 @@ def test_query_marks_its_results_from_the_thresholds(functions, store):
     assert [p.product_id for p in obj.products] == ["red", "orange", "blue"]
     margin = scores[0] - scores[1]
     # WHEN it has thresholds the red photo's margin passes THEN red is the same product, orange similar
-    query = Query(store, COLLECTION, "colour", merge_threshold=1.0,
+    query = Query(Indexes.fixed(store, COLLECTION, "colour"), merge_threshold=1.0,
                   thresholds=Thresholds(same_margin=margin / 2, similar_score=(scores[1] + scores[2]) / 2))
     obj = functions(query, red).objects[0]
     assert obj.answer == "same product"
@@ -224,12 +225,12 @@ def test_query_marks_its_results_from_the_thresholds(functions, store):
     obj = functions(query, red, top_k=1).objects[0]
     assert obj.answer == "same product" and [p.product_id for p in obj.products] == ["red"]
     # WHEN the margin needed is more than red's THEN no product is the same: similar items
-    query = Query(store, COLLECTION, "colour", merge_threshold=1.0,
+    query = Query(Indexes.fixed(store, COLLECTION, "colour"), merge_threshold=1.0,
                   thresholds=Thresholds(same_margin=margin * 2, similar_score=(scores[1] + scores[2]) / 2))
     obj = functions(query, red).objects[0]
     assert obj.answer == "similar" and [p.match for p in obj.products] == ["similar", "similar", "other"]
     # WHEN even the best score is below "similar" THEN no confident match, the closest still listed
-    query = Query(store, COLLECTION, "colour", merge_threshold=1.0,
+    query = Query(Indexes.fixed(store, COLLECTION, "colour"), merge_threshold=1.0,
                   thresholds=Thresholds(same_margin=None, similar_score=1.01))
     result = functions(query, red)
     assert result.objects[0].answer == "no confident match" and len(result.objects[0].products) == 3
@@ -268,18 +269,18 @@ def test_query_function_loads_the_thresholds_stored_for_its_model(tmp_path):
 
     # no file: uncalibrated, as before
     res, query = load()
-    assert res.thresholds is None and query.thresholds is None
+    assert res.thresholds is None and query.thresholds(res.model_id) is None
     # a file for this model: loaded, and said at start
     write_calibration(path, report(same=0.07, similar=None))
     res, query = load()
-    assert query.thresholds == Thresholds(same_margin=0.07, similar_score=None)
-    assert query.thresholds.info["catalogue"]["fingerprint"] == "abc"
+    assert query.thresholds(res.model_id) == Thresholds(same_margin=0.07, similar_score=None)
+    assert query.thresholds(res.model_id).info["catalogue"]["fingerprint"] == "abc"
     assert any("calibrated answers" in n and "margin >= 0.0700" in n for n in res.notes)
     # a file fitted for another model or distance: ignored
     write_calibration(path, report(model="resnet50"))
-    assert load()[1].thresholds is None
+    assert load()[1].thresholds(res.model_id) is None
     write_calibration(path, report(distance="euclid"))
-    assert load()[1].thresholds is None
+    assert load()[1].thresholds(res.model_id) is None
     # a broken file: an error at start, not a silently uncalibrated service
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot be used"):

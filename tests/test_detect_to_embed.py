@@ -20,6 +20,7 @@ from lookalike.functions.query.handler import Query
 from lookalike.shared.config import Settings
 from lookalike.shared.detector import load_detector
 from lookalike.shared.embedders import load_embedder
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import CatalogUpsert, ImageRef, Offer, SearchRequest
 from lookalike.shared.stores import CollectionSpec, EdgeStore
 
@@ -51,7 +52,8 @@ def test_detected_boxes_flow_to_embed_as_crops(tmp_path, embedder):
     detector = load_detector(settings.detect_weights, **settings.detector_labels())
     store = EdgeStore(tmp_path / "edge")
     store.ensure_collection(CollectionSpec("c", embedder.spec.dim))
-    ingest, detect, embed = Ingest(settings, store, "c"), Detect(detector), Embed(embedder, store, "c")
+    indexes = Indexes.fixed(store, "c", embedder.spec.id)
+    ingest, detect, embed = Ingest(settings, indexes), Detect(detector), Embed(embedder, indexes)
     # WHEN the photo is searched
     request = SearchRequest(image=ImageRef(data=base64.b64encode(asset("zidane.jpg")).decode()))
     (normalized,) = ingest.on_search_request(request)
@@ -93,8 +95,9 @@ def test_indexed_crop_is_found_from_a_search_of_the_same_region(tmp_path, embedd
     detector = load_detector(settings.detect_weights, conf=0.25, max_objects=4, **settings.detector_labels())
     store = EdgeStore(tmp_path / "edge")
     store.ensure_collection(CollectionSpec("c", embedder.spec.dim))
-    ingest, detect, embed = Ingest(settings, store, "c"), Detect(detector), Embed(embedder, store, "c")
-    query = Query(store, "c", embedder.spec.id)
+    indexes = Indexes.fixed(store, "c", embedder.spec.id)
+    ingest, detect, embed = Ingest(settings, indexes), Detect(detector), Embed(embedder, indexes)
+    query = Query(indexes)
     for pid, name in (("bus-poster", "bus.jpg"), ("zidane-poster", "zidane.jpg")):
         event = CatalogUpsert(product_id=pid, images=[ImageRef(data=base64.b64encode(asset(name)).decode())],
                               offers=[Offer(shop="s", price=1.0)])

@@ -109,24 +109,35 @@ def test_builtin_ids_cannot_be_taken(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-def test_reindex_fills_the_finetuned_models_own_collection(tiny_model, tmp_path, monkeypatch):
-    from lookalike.evaluation import reindex
+def test_reindex_builds_the_finetuned_models_collection_and_switches_to_it(tiny_model, tmp_path, monkeypatch):
+    from lookalike.reindex import ReindexFailed, reindex
     from lookalike.shared.config import Settings
+    from lookalike.shared.indexes import STATE_DOC
     from lookalike.shared.stores import EdgeStore
+    from lookalike.stack import running_pipeline
 
     monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("DETECT_WEIGHTS", "none")
+    monkeypatch.setenv("EMBED_MODEL", "efficientnet_lite0")
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     monkeypatch.delenv("QDRANT_URL", raising=False)
     catalog = tiny_model["out"] / "sample" / "catalog.jsonl"
-    r = reindex(Settings(), str(tiny_model["dir"]), catalog, timeout_s=120)
-    assert r["model"] == "ft-test" and r["collection"] == "lookalike__ft-test"
-    assert r["events"] == 4 and r["points"] >= 12  # 4 products x 3 images (whole image each)
-    again = reindex(Settings(), str(tiny_model["dir"]), catalog, timeout_s=120)
-    assert again["points"] == r["points"]  # rebuilt in place: same point ids, nothing duplicated
+    settings = Settings()
+    # WHEN no stack runs: the command starts an embedded one for itself
+    with running_pipeline(settings) as client:
+        r = reindex(client, settings, str(tiny_model["dir"]), catalog, timeout_s=120)
+        assert r["model"] == "ft-test" and r["collection"] == "lookalike__ft-test" and r["switched"]
+        assert r["events"] == 4 and r["outcomes"]["indexed"] + r["outcomes"]["unchanged"] == 4
+        # AND building the model that is active already is refused, saying so
+        with pytest.raises(ReindexFailed, match="already active"):
+            reindex(client, settings, str(tiny_model["dir"]), catalog, timeout_s=120)
     store = EdgeStore(tmp_path / "qdrant-edge")
     try:
-        assert "lookalike__ft-test" in store.collections()
+        assert store.count("lookalike__ft-test") >= 12  # 4 products x 3 images (whole image each)
+        assert store.count("lookalike__ft-test") == store.count("lookalike__efficientnet_lite0")
+        state = store.read_doc(STATE_DOC)
+        assert state["active"] == {"id": "ft-test", "spec": str(tiny_model["dir"].resolve())}
+        assert state["previous"]["id"] == "efficientnet_lite0"
     finally:
         store.close()
 

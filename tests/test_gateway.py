@@ -224,6 +224,9 @@ def test_healthz_is_503_when_the_store_fails(stack):
         def count(self, collection):
             raise StoreUnavailable("disk on fire")
 
+        def read_doc(self, name):
+            raise StoreUnavailable("disk on fire")
+
     http = TestClient(create_app(stack.bootstrap_servers, BrokenStore(), "c", stack.settings))
     response = http.get("/healthz")
     assert response.status_code == 503

@@ -28,6 +28,9 @@ class Store:
     def count(self, collection):
         return 1
 
+    def read_doc(self, name):
+        return None  # no index state: the one collection is active
+
 
 @pytest.fixture
 def gateway(tmp_path):
@@ -38,7 +41,7 @@ def gateway(tmp_path):
 
     def make(client=("10.0.0.1", 50000), root_path="", **overrides):
         settings = make_settings(tmp_path, **overrides)
-        app = create_app("127.0.0.1:1", store=Store(), collection="c", settings=settings)
+        app = create_app("127.0.0.1:1", store=Store(), indexes="c", settings=settings)
         app.state.gateway.request = lambda topic, message: (SearchResult(request_id=message.request_id,
                                                                           kind="recommend"), "0" * 32)
         app.state.gateway.health = lambda: (True, {"status": "ok"})
@@ -131,7 +134,7 @@ def test_health_errors_are_scrubbed_of_secrets(tmp_path, monkeypatch):
     monkeypatch.setattr(gateway_app, "OffsetReader", Offsets)
     settings = make_settings(tmp_path, kafka_sasl_password=password, qdrant_api_key=qdrant_key,
                              gateway_api_keys=KEY)
-    app = gateway_app.create_app("127.0.0.1:1", store=LeakyStore(), collection="c", settings=settings,
+    app = gateway_app.create_app("127.0.0.1:1", store=LeakyStore(), indexes="c", settings=settings,
                                  function_health=lambda: {"embed": {"ok": False, "last_error": f"bad key {KEY}"}})
     response = TestClient(app).get("/healthz")
     # THEN health says what failed, with every secret replaced

@@ -26,6 +26,7 @@ from lookalike.shared.detector import WholeImageDetector
 from lookalike.shared.embedding import Embedded
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import crop, open_jpeg, thumbnail
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
@@ -125,10 +126,10 @@ def settings(tmp_path):
 @pytest.fixture
 def pipeline(settings, store):
     """The four functions wired by hand: ingest -> detect -> embed (-> query)."""
-    ingest = Ingest(settings, store, COLLECTION)
+    ingest = Ingest(settings, Indexes.fixed(store, COLLECTION, "colour"))
     detect = Detect(WholeImageDetector())
-    embed = Embed(ColourEmbedder(), store, COLLECTION)
-    query = Query(store, COLLECTION, "colour")
+    embed = Embed(ColourEmbedder(), Indexes.fixed(store, COLLECTION, "colour"))
+    query = Query(Indexes.fixed(store, COLLECTION, "colour"))
 
     def index(event):
         """One catalogue event through ingest, detect and embed (images, then the closing sync).
@@ -364,7 +365,7 @@ def test_embed_makes_one_thumbnail_per_image_for_all_its_points(pipeline, store)
     (detected,) = pipeline.detect.on_image(normalized.message)
     assert len(detected.message.objects) == 3
     assert "thumbnail" not in json.loads(detected.message.to_bytes())["index"]
-    embedder = pipeline.embed.embedder
+    embedder = pipeline.embed.embedders["colour"]
     made = embedder.thumbnails_made
     # WHEN embed stores it
     pipeline.embed.on_batch([detected.message])
@@ -430,7 +431,7 @@ def test_a_product_with_many_photos_cannot_crowd_out_the_others(pipeline, store)
     reds = [(200 - i, 30 + i, 30) for i in range(8)]
     pipeline.index(upsert("red", colors=reds))
     pipeline.index(upsert("blue", colors=[(30, 30, 200)]))
-    query = Query(store, COLLECTION, "colour", oversample=1)
+    query = Query(Indexes.fixed(store, COLLECTION, "colour"), oversample=1)
     (normalized,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo((205, 28, 28))), top_k=2))
     ((vectors,),) = pipeline.embed.on_batch([pipeline.detect.on_image(normalized.message)[0].message])
     # WHEN searching for the two best products
@@ -518,9 +519,9 @@ def test_multi_object_photo_returns_results_per_object_plus_whole_image(pipeline
 def test_euclid_collection_ranks_the_closest_product_first(settings, tmp_path):
     store = EdgeStore(tmp_path / "euclid")
     store.ensure_collection(CollectionSpec("test__euclid", DIM, "euclid"))
-    ingest = Ingest(settings, store, "test__euclid")
-    detect, embed = Detect(WholeImageDetector()), Embed(ColourEmbedder(), store, "test__euclid")
-    query = Query(store, "test__euclid", "colour")
+    indexes = Indexes.fixed(store, "test__euclid", "colour")
+    ingest, detect, embed = Ingest(settings, indexes), Detect(WholeImageDetector()), Embed(ColourEmbedder(), indexes)
+    query = Query(indexes)
     for pid, color in (("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))):
         for e in ingest.on_catalog_event(upsert(pid, colors=[color])):
             embed.on_batch([detect.on_image(e.message)[0].message])

@@ -32,6 +32,7 @@ from lookalike.shared import limits
 from lookalike.shared.detector import WholeImageDetector
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import MAX_DECODE_BYTES, ImageTooLarge, decode_bytes, normalize
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
@@ -146,7 +147,7 @@ def test_non_finite_numbers_in_a_search_request_are_poison(raw):
 def test_ingest_dead_letters_an_oversized_event_with_the_reason(tmp_path):
     # GIVEN ingest running on a (fake) broker
     log = Log()
-    ingest = Ingest(make_settings(tmp_path), store=None, collection="c")
+    ingest = Ingest(make_settings(tmp_path), Indexes.fixed(None, "c"))
     runner = Runner(ingest, "fake:0", poll_timeout_ms=5, consumer_factory=lambda: FakeConsumer(log, [CATALOG_EVENTS]),
                     producer_factory=lambda: FakeProducer(log))
     thread = threading.Thread(target=runner.run, daemon=True)
@@ -322,7 +323,7 @@ class FakePipeline:
     """
 
     def __init__(self, settings):
-        self.ingest = Ingest(settings, store=None, collection="c")
+        self.ingest = Ingest(settings, Indexes.fixed(None, "c"))
         self.detect = Detect(WholeImageDetector())
         self.published: list[bytes] = []
         self.go = threading.Event()
@@ -357,7 +358,7 @@ def gateway(tmp_path):
 
     def make(function_health=None, **overrides):
         settings = make_settings(tmp_path, **overrides)
-        app = create_app("127.0.0.1:1", store=None, collection="c", settings=settings, function_health=function_health)
+        app = create_app("127.0.0.1:1", store=None, indexes="c", settings=settings, function_health=function_health)
         pipeline = FakePipeline(settings)
         app.state.gateway.request = pipeline
         return TestClient(app), pipeline

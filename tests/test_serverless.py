@@ -107,7 +107,7 @@ def index_product(product_id: str, vector: list[float]) -> None:
     query = serverless.warm_function(EVENT_BOOTSTRAP).function
     payload = {"product_id": product_id, "title": f"product {product_id}", "image_id": "i1",
                "offers": [{"shop": "a", "price": 9.5}]}
-    query.store.upsert(query.collection, [PointRecord(point_id(product_id, "i1", 0), vector, payload)])
+    query.store.upsert(query.indexes.active_collection(), [PointRecord(point_id(product_id, "i1", 0), vector, payload)])
 
 
 def photo() -> bytes:

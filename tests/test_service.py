@@ -38,9 +38,10 @@ def test_euclid_distance_gets_its_own_collection(tmp_path):
 
 def test_consumer_groups_named_for_status_and_health_match_the_functions_routes(tmp_path):
     # GIVEN the four functions as the stack builds them (no models or store are touched for routes)
+    from lookalike.shared.indexes import Indexes
     from lookalike.shared.runtime import CONSUMER_GROUPS, consumer_group
 
-    res = Resources(Settings(LOOKALIKE_DATA_DIR=str(tmp_path)))
+    res = Resources(Settings(LOOKALIKE_DATA_DIR=str(tmp_path)), indexes=Indexes.fixed(None, "c"))
     groups = {}
     for name in ("ingest", "detect", "embed", "query"):
         fn = res.build(name)

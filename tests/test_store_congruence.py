@@ -416,6 +416,33 @@ def test_collections_and_count(store, rng):
     assert store.count("lookalike__a") == 0
 
 
+def test_drop_collection_removes_it_and_its_points_and_is_safe_to_redo(store, rng):
+    # GIVEN two collections with points
+    store.ensure_collection(CollectionSpec("lookalike__a", DIM))
+    store.ensure_collection(CollectionSpec("lookalike__b", DIM))
+    for name in ("lookalike__a", "lookalike__b"):
+        store.upsert(name, product_points(rng, "p", images=("i0", "i1"), objects=1))
+    # WHEN one is dropped, twice (a redone command)
+    store.drop_collection("lookalike__b")
+    store.drop_collection("lookalike__b")
+    # THEN it is gone, the other untouched, and a new one of that name starts empty
+    assert store.collections() == ["lookalike__a"] and store.count("lookalike__a") == 2
+    with pytest.raises(KeyError):
+        store.count("lookalike__b")
+    store.ensure_collection(CollectionSpec("lookalike__b", 8))
+    assert store.count("lookalike__b") == 0
+
+
+def test_documents_are_kept_beside_the_collections(store):
+    # GIVEN no document WHEN one is written and replaced THEN the last one is read back
+    assert store.read_doc("index_state") is None
+    store.write_doc("index_state", {"active": {"id": "a", "spec": "a"}, "building": None})
+    store.write_doc("index_state", {"active": {"id": "b", "spec": "/m/b"}, "building": None})
+    assert store.read_doc("index_state") == {"active": {"id": "b", "spec": "/m/b"}, "building": None}
+    # AND documents are not collections
+    assert store.collections() == []
+
+
 def test_unknown_collection_raises_key_error(store, rng):
     with pytest.raises(KeyError):
         store.search("lookalike__nope", unit(rng), limit=3)

@@ -15,6 +15,7 @@ from lookalike.shared.messages import (
     IMAGES_NORMALIZED,
     DetectedImage,
     DetectedObject,
+    IndexCommand,
     NormalizedImage,
     NormalizedMessage,
     ProductSync,
@@ -32,8 +33,8 @@ class Detect(Function):
     def routes(self) -> list[Route]:
         return [Route(IMAGES_NORMALIZED, NormalizedMessage, self.on_image)]
 
-    def on_image(self, msg: NormalizedImage | ProductSync) -> list[Emit]:
-        if isinstance(msg, ProductSync):
+    def on_image(self, msg: NormalizedImage | ProductSync | IndexCommand) -> list[Emit]:
+        if isinstance(msg, ProductSync | IndexCommand):
             return [Emit(IMAGES_DETECTED, msg)]  # passes through, keeping its place behind the images
         self.counters["images"] += 1
         if msg.box is not None:

@@ -3,6 +3,9 @@
 catalog.events  -> images.normalized (intent index), or a payload-only store update
 search.requests -> images.normalized (intent query), in a lane (consumer group) of its own
 
+Catalogue changes reach every collection that receives them (``lookalike.shared.indexes``:
+two during a model upgrade); index commands are checked here and passed on to embed.
+
 "Unchanged" is decided from the points really in the store, never from a note ingest
 made itself: an image counts as indexed only once embed has written its points. So a
 redelivered or re-sent event after any crash, failed send or dead letter re-processes
@@ -19,6 +22,7 @@ import pybase64 as base64  # SIMD base64: several times the stdlib's speed on im
 from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage
 from lookalike.shared.images import image_id, load_source, normalize
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
@@ -26,6 +30,7 @@ from lookalike.shared.messages import (
     CatalogDelete,
     CatalogEvent,
     CatalogUpsert,
+    IndexCommand,
     IndexContext,
     NormalizedImage,
     ProductSync,
@@ -33,17 +38,16 @@ from lookalike.shared.messages import (
     SearchRequest,
 )
 from lookalike.shared.runtime import Emit, Function, Route
-from lookalike.shared.stores import VectorStore
 
 
 class Ingest(Function):
     name = "ingest"
 
-    def __init__(self, settings: Settings, store: VectorStore, collection: str):
+    def __init__(self, settings: Settings, indexes: Indexes):
         super().__init__()
         self.settings = settings
-        self.store = store
-        self.collection = collection
+        self.indexes = indexes
+        self.store = indexes.store
 
     def routes(self) -> list[Route]:
         return [
@@ -58,16 +62,22 @@ class Ingest(Function):
         jpeg, w, h, scale = normalize(raw, s.image_max_side, s.max_image_pixels)
         return image_id(raw), jpeg, w, h, scale
 
-    def on_catalog_event(self, event: CatalogUpsert | CatalogDelete) -> list[Emit]:
-        """Images the product did not have go on to detection; a ``ProductSync`` closes the event.
+    def on_catalog_event(self, event: CatalogUpsert | CatalogDelete | IndexCommand) -> list[Emit]:
+        """Images a collection does not have go on to detection; a ``ProductSync`` closes the event.
 
         Order per product holds end to end: everything is keyed by product id, and the
         sync reaches embed after the images, where it drops stale points.
         """
+        if isinstance(event, IndexCommand):
+            self.counters["index_commands"] += 1
+            return [Emit(IMAGES_NORMALIZED, event)]  # embed applies it, or says why not
+        models = [m.id for m in self.indexes.state().live()]
+        collections = {m: self.indexes.collection(m) for m in models}
         if isinstance(event, CatalogDelete):
             # Delete now (shoppers stop seeing it at once); the sync also removes any of its
             # images still in flight when they land.
-            self.store.delete_product(self.collection, event.product_id)
+            for collection in collections.values():
+                self.store.delete_product(collection, event.product_id)
             self.counters["deleted"] += 1
             sync = ProductSync(event_id=event.event_id, product_id=event.product_id, outcome="deleted")
             return [Emit(IMAGES_NORMALIZED, sync)]
@@ -83,18 +93,22 @@ class Ingest(Function):
             images.setdefault(iid, (index, jpeg, w, h, ref.url))
 
         product = event.product()
-        indexed = self.store.product_image_ids(self.collection, event.product_id)
-        new = {iid: v for iid, v in images.items() if iid not in indexed}
+        indexed = {m: self.store.product_image_ids(c, event.product_id) for m, c in collections.items()}
+        lacking = {iid: [m for m in models if iid not in indexed[m]] for iid in images}
+        new = {iid: v for iid, v in images.items() if lacking[iid]}
         if not new:
             # Title, offers and prices change in place now: no detection, no embedding.
-            self.store.set_product_payload(self.collection, event.product_id,
-                                           {**product.payload(), "applied_at": time.time()})
+            for collection in collections.values():
+                self.store.set_product_payload(collection, event.product_id,
+                                               {**product.payload(), "applied_at": time.time()})
             self.counters["unchanged"] += 1
         self.counters["images_out"] += len(new)
         emits = [
             Emit(IMAGES_NORMALIZED, NormalizedImage(
                 intent="index", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h,
-                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url),
+                index=IndexContext(event_id=event.event_id, product=product, image_index=index, image_url=url,
+                                   # only the models that lack it (a collection being built, mostly)
+                                   models=None if len(lacking[iid]) == len(models) else lacking[iid]),
             ))
             for iid, (index, jpeg, w, h, url) in new.items()
         ]

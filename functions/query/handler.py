@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.shared.errors import PoisonMessage
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import (
     QUERY_VECTORS,
     RECOMMEND_REQUESTS,
@@ -35,7 +36,7 @@ from lookalike.shared.messages import (
     SearchResult,
 )
 from lookalike.shared.runtime import Emit, Function, Route
-from lookalike.shared.stores import Hit, VectorStore
+from lookalike.shared.stores import Hit
 
 
 def _offers(payload: dict) -> list[ComparedOffer]:
@@ -164,14 +165,16 @@ class Thresholds:
 class Query(Function):
     name = "query"
 
-    def __init__(self, store: VectorStore, collection: str, model_id: str, oversample: int = 5,
-                 merge_threshold: float = 0.95, max_points: int = 1000, thresholds: Thresholds | None = None):
+    def __init__(self, indexes: Indexes, oversample: int = 5, merge_threshold: float = 0.95,
+                 max_points: int = 1000, thresholds: Thresholds | None = None,
+                 load_thresholds: Callable[[str], Thresholds | None] | None = None):
+        """``thresholds``: the default model's; ``load_thresholds(model id)``: another's (after a reindex)."""
         super().__init__()
-        self.thresholds = thresholds
+        self._thresholds = {indexes.default.id: thresholds}
+        self.load_thresholds = load_thresholds
         self.merge_threshold = merge_threshold
-        self.store = store
-        self.collection = collection
-        self.model_id = model_id
+        self.indexes = indexes
+        self.store = indexes.store
         self.oversample = oversample
         self.max_points = max_points
 
@@ -181,7 +184,13 @@ class Query(Function):
             Route(RECOMMEND_REQUESTS, RecommendRequest, self.on_recommend),
         ]
 
-    def _search(self, vector, top_k: int, filters: SearchFilters, exclude=()) -> list[MatchedProduct]:
+    def thresholds(self, model: str) -> Thresholds | None:
+        if model not in self._thresholds:
+            self._thresholds[model] = self.load_thresholds(model) if self.load_thresholds else None
+        return self._thresholds[model]
+
+    def _search(self, collection: str, vector, top_k: int, filters: SearchFilters,
+                exclude=()) -> list[MatchedProduct]:
         """The ``top_k`` best products: fetch ``top_k * oversample`` points, collapse them per product.
 
         A product with many images (or objects) can fill the first fetch on its own; then the
@@ -190,7 +199,7 @@ class Query(Function):
         merge = self.merge_threshold < 1.0
         limit = max(1, top_k * self.oversample)
         while True:
-            hits = self.store.search(self.collection, vector, limit, filters, exclude, with_vectors=merge)
+            hits = self.store.search(collection, vector, limit, filters, exclude, with_vectors=merge)
             products = collapse(hits, top_k, self.merge_threshold)
             if len(products) >= top_k or len(hits) < limit or limit >= self.max_points:
                 return products
@@ -198,27 +207,36 @@ class Query(Function):
             self.counters["widened_searches"] += 1
 
     def on_vectors(self, msg: QueryVectors) -> list[Emit]:
-        if msg.model != self.model_id:
-            raise PoisonMessage(f"vectors of model {msg.model!r} cannot search collection of {self.model_id!r}")
-        objects = [self._object(o, msg.top_k, msg.filters) for o in msg.objects]
+        # The collection of the model that embedded the photo: it was the active one then,
+        # so it is whole (a model upgrade switches which model embeds, lookalike.shared.indexes).
+        collection = self.indexes.collection(msg.model)
+        try:
+            objects = [self._object(collection, msg.model, o, msg.top_k, msg.filters) for o in msg.objects]
+        except KeyError:  # unknown collection: that model left service since (a finished upgrade)
+            result = SearchResult(request_id=msg.request_id, status="error", model=msg.model,
+                                  error=f"model {msg.model} is no longer served: search again")
+            return [Emit(SEARCH_RESULTS, result)]
         self.counters["searches"] += 1
-        return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, model=self.model_id, objects=objects))]
+        return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, model=msg.model, objects=objects))]
 
-    def _object(self, o, top_k: int, filters: SearchFilters) -> ObjectResults:
-        if self.thresholds is None:
+    def _object(self, collection: str, model: str, o, top_k: int, filters: SearchFilters) -> ObjectResults:
+        thresholds = self.thresholds(model)
+        if thresholds is None:
             return ObjectResults(box=o.box, label=o.label, score=o.score,
-                                 products=self._search(o.vector, top_k, filters))
+                                 products=self._search(collection, o.vector, top_k, filters))
         # "same product" compares the first entry with the second: fetch one even for top_k=1
-        products = self._search(o.vector, max(top_k, 2), filters)
-        answer = self.thresholds.mark(products)
+        products = self._search(collection, o.vector, max(top_k, 2), filters)
+        answer = thresholds.mark(products)
         return ObjectResults(box=o.box, label=o.label, score=o.score, products=products[:top_k], answer=answer)
 
     def on_recommend(self, msg: RecommendRequest) -> list[Emit]:
-        vectors = self.store.product_vectors(self.collection, msg.positive + msg.negative)
+        model = self.indexes.state().active.id
+        collection = self.indexes.collection(model)
+        vectors = self.store.product_vectors(collection, msg.positive + msg.negative)
         positive = [v for pid in msg.positive for v in vectors.get(pid, [])]
         negative = [v for pid in msg.negative for v in vectors.get(pid, [])]
         if not positive:
-            result = SearchResult(request_id=msg.request_id, kind="recommend", status="error", model=self.model_id,
+            result = SearchResult(request_id=msg.request_id, kind="recommend", status="error", model=model,
                                   error=f"none of the products {msg.positive} is indexed")
             return [Emit(SEARCH_RESULTS, result)]
         # Qdrant's "average vector" strategy: move towards what was liked, away from the rest.
@@ -226,7 +244,7 @@ class Query(Function):
         if negative:
             target = target + (target - np.mean(negative, axis=0))
         target = target / (np.linalg.norm(target) or 1.0)
-        products = self._search(target, msg.top_k, msg.filters, exclude=msg.positive + msg.negative)
+        products = self._search(collection, target, msg.top_k, msg.filters, exclude=msg.positive + msg.negative)
         self.counters["recommendations"] += 1
-        return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, kind="recommend", model=self.model_id,
+        return [Emit(SEARCH_RESULTS, SearchResult(request_id=msg.request_id, kind="recommend", model=model,
                                                   objects=[ObjectResults(label="history", products=products)]))]

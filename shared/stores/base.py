@@ -266,6 +266,18 @@ class VectorStore(ABC):
         """Names of the existing collections, sorted."""
 
     @abstractmethod
+    def drop_collection(self, name: str) -> None:
+        """Remove the collection and its points; no-op when it does not exist."""
+
+    @abstractmethod
+    def read_doc(self, name: str) -> dict | None:
+        """A small JSON document kept beside the collections (the index state); None if never written."""
+
+    @abstractmethod
+    def write_doc(self, name: str, doc: dict) -> None:
+        """Replace the document ``name`` atomically: a reader sees the old one or the new one."""
+
+    @abstractmethod
     def optimize(self, collection: str) -> None:
         """Build search indexes now where the backend needs it (see adapters)."""
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -55,6 +56,15 @@ _INDEX_TYPES = {
 
 
 QUANTIZATIONS = ("none", "int8", "binary")
+
+
+# Documents (read_doc/write_doc) live in a collection no model id can name: model collections
+# are "lookalike__<model id>".
+DOCS_COLLECTION = "lookalike_docs"
+
+
+def _doc_id(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"lookalike-doc/{name}"))
 
 
 class QdrantClientStore(VectorStore):
@@ -116,7 +126,7 @@ class QdrantClientStore(VectorStore):
 
     def collections(self) -> list[str]:
         with self._errors(None):
-            return sorted(c.name for c in self._client.get_collections().collections)
+            return sorted(c.name for c in self._client.get_collections().collections if c.name != DOCS_COLLECTION)
 
     def count(self, collection: str) -> int:
         with self._errors(collection):
@@ -151,6 +161,32 @@ class QdrantClientStore(VectorStore):
             self._client.set_payload(
                 collection, dict(payload), points=_filter(product_conditions(product_id)), wait=True
             )
+
+    def drop_collection(self, name: str) -> None:
+        with self._errors(name):
+            self._client.delete_collection(name)
+
+    def read_doc(self, name: str) -> dict | None:
+        with self._errors(DOCS_COLLECTION):
+            if not self._client.collection_exists(DOCS_COLLECTION):
+                return None
+            found = self._client.retrieve(DOCS_COLLECTION, [_doc_id(name)], with_payload=True)
+        return dict(found[0].payload["doc"]) if found else None
+
+    def write_doc(self, name: str, doc: dict) -> None:
+        """One point of a one-dimensional collection: a single-point upsert is atomic on the server."""
+        with self._errors(DOCS_COLLECTION):
+            if not self._client.collection_exists(DOCS_COLLECTION):
+                try:
+                    self._client.create_collection(
+                        DOCS_COLLECTION, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
+                        replication_factor=self.replication_factor,
+                        write_consistency_factor=min(2, self.replication_factor))
+                except (UnexpectedResponse, ValueError):
+                    if not self._client.collection_exists(DOCS_COLLECTION):  # else another worker made it
+                        raise
+            self._client.upsert(DOCS_COLLECTION, [models.PointStruct(id=_doc_id(name), vector=[1.0],
+                                                                     payload={"name": name, "doc": doc})], wait=True)
 
     def optimize(self, collection: str) -> None:
         """No-op: the server optimises (and builds HNSW) in the background by itself."""

@@ -72,6 +72,7 @@ log = logging.getLogger("lookalike.stores.edge")
 
 SPEC_FILE = "lookalike-collection.json"
 CURRENT_FILE = "CURRENT"
+DOCS_DIR = "_docs"  # read_doc/write_doc: beside the collections, never one of them (no spec file)
 _GENERATION = re.compile(r"^gen-(\d+)$")
 # A child build of a million points takes ~20 min on 2 cores; past this it is stuck.
 BUILD_TIMEOUT_S = 3 * 3600.0
@@ -235,6 +236,40 @@ class EdgeStore(VectorStore):
         flt = _filter(product_conditions(product_id))
         self._update(collection, qe.UpdateOperation.set_payload_by_filter(flt, dict(payload)))
 
+    def drop_collection(self, name: str) -> None:
+        """Close the collection (after its running searches) and remove its files.
+
+        A build of it in flight notices at its switch and throws its result away."""
+        path = self._path(name)
+        with self._lock:
+            self._check_open()
+            opened = self._shards.pop(name, None)
+            if opened is None and not path.exists():
+                return
+            # Remove the spec file first: from then on the collection does not exist, even if
+            # the removal below is cut short (a restart finishes it: see _read_spec).
+            (path / SPEC_FILE).unlink(missing_ok=True)
+            (path / CURRENT_FILE).unlink(missing_ok=True)
+        if opened is not None:
+            self._retire(opened)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def read_doc(self, name: str) -> dict | None:
+        try:
+            return json.loads(self._doc_path(name).read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_doc(self, name: str, doc: dict) -> None:
+        path = self._doc_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, json.dumps(doc, sort_keys=True), durable=True)
+
+    def _doc_path(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise ValueError(f"invalid document name {name!r}")
+        return self.root / DOCS_DIR / f"{name}.json"
+
     def optimize(self, collection: str) -> None:
         """Build the HNSW index and quantization of everything written so far, out of process.
 
@@ -349,6 +384,11 @@ class EdgeStore(VectorStore):
                 replayed += 1
             with self._lock:
                 self._check_open()
+                if self._shards.get(name) is not opened:  # dropped meanwhile: nothing to switch to
+                    built.close()
+                    built = None
+                    shutil.rmtree(target, ignore_errors=True)
+                    return
                 with _engine_errors(f"replay onto {target}"):
                     for operation in opened.journal[replayed:]:
                         built.update(operation)
@@ -535,10 +575,22 @@ def _points_and_unindexed(info: Any) -> tuple[int, int]:
     return info.points_count, max(0, info.points_count - info.indexed_vectors_count)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str, durable: bool = False) -> None:
+    """Write-then-rename: a reader (or a restart) sees the old text or the new, never a mix.
+    ``durable``: fsync the file and its directory, so an acknowledged write survives a power cut."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _current_shard(collection: Path) -> Path:
