@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.freshness import percentile
 from lookalike.client import Client, read_catalog
-from lookalike.reindex import reindex, send
+from lookalike.reindex import STEP_EVENTS, reindex, send
 from lookalike.sample_catalog import generate
 from lookalike.shared.config import Settings
 from lookalike.shared.logs import setup_logging
@@ -28,7 +28,7 @@ from lookalike.stack import Stack
 
 
 def run(products: int = 50, photos: int = 4, source: str = "efficientnet_lite0",
-        target: str = "efficientnet_lite2_rmac") -> dict:
+        target: str = "efficientnet_lite2_rmac", step: int = STEP_EVENTS) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=photos, seed=11)
         settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=source, detect_weights="none")
@@ -65,7 +65,7 @@ def run(products: int = 50, photos: int = 4, source: str = "efficientnet_lite0",
             shopper.start()
             time.sleep(10)
             phase[0] = "reindex"
-            r = reindex(client, settings, target, sample.catalog_path, timeout_s=1800)
+            r = reindex(client, settings, target, sample.catalog_path, timeout_s=1800, step=step)
             phase[0] = "after switch"
             time.sleep(10)
             t0 = time.monotonic()
@@ -76,14 +76,17 @@ def run(products: int = 50, photos: int = 4, source: str = "efficientnet_lite0",
             stop.set()
             shopper.join(timeout=90)
             client.close()
-    out = {"products": products, "photos": photos, "from": source, "to": target, "reindex_s": r["seconds"],
+    out = {"products": products, "photos": photos, "from": source, "to": target, "step": step,
+           "reindex_s": r["seconds"],
            "build_s": r["build_s"], "index_s": r["index_s"], "switch_wait_s": r["switch_wait_s"],
            "rollback_s": round(rollback_s, 2), "failed_searches": len(failures), "failures": failures[:3],
            "wrong_first": sum(1 for a in answers if not a[3])}
     for name in ("before", "reindex", "after switch", "after rollback"):
         took = [a[1] * 1000 for a in answers if a[0] == name]
         models = sorted({a[2] for a in answers if a[0] == name})
-        out[name] = {"searches": len(took), "models": models, "p50_ms": round(percentile(took, 0.5)),
+        out[name] = {"searches": len(took), "models": models,
+                     "wrong_first": sum(1 for a in answers if a[0] == name and not a[3]),
+                     "p50_ms": round(percentile(took, 0.5)),
                      "p95_ms": round(percentile(took, 0.95)), "max_ms": round(max(took))} if took else {}
     return out
 
@@ -94,17 +97,19 @@ def main() -> None:
     p.add_argument("--photos", type=int, default=4)
     p.add_argument("--from", dest="source", default="efficientnet_lite0")
     p.add_argument("--to", dest="target", default="efficientnet_lite2_rmac")
+    p.add_argument("--step", type=int, default=STEP_EVENTS, help="catalogue events per build step")
     args = p.parse_args()
     setup_logging("WARNING")
-    out = run(args.products, args.photos, args.source, args.target)
-    print(f"reindex {out['from']} -> {out['to']}: {out['products']} products x {out['photos']} photos in "
+    out = run(args.products, args.photos, args.source, args.target, args.step)
+    print(f"reindex {out['from']} -> {out['to']} (steps of {out['step']} events): {out['products']} products x "
+          f"{out['photos']} photos in "
           f"{out['reindex_s']} s (build command {out['build_s']} s, catalogue {out['index_s']} s, switch "
           f"{out['switch_wait_s']} s); rollback {out['rollback_s']} s")
     for name in ("before", "reindex", "after switch", "after rollback"):
         row = out[name]
         if row:
             print(f"  {name:15s} {row['searches']:4d} searches  p50 {row['p50_ms']} ms  p95 {row['p95_ms']} ms  "
-                  f"max {row['max_ms']} ms  models {', '.join(row['models'])}")
+                  f"max {row['max_ms']} ms  wrong first {row['wrong_first']}  models {', '.join(row['models'])}")
     print(f"  failed searches {out['failed_searches']}, wrong product first {out['wrong_first']}")
     print(json.dumps(out))
 

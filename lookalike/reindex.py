@@ -24,43 +24,44 @@ from typing import Callable
 
 from lookalike.client import Client, IndexReport, read_catalog
 from lookalike.shared.config import Settings
-from lookalike.shared.messages import CatalogIndexed, IndexCommand
+from lookalike.shared.messages import IndexCommand
 
-# A switch refused because NEW is still behind is retried at this pace until the timeout.
-SWITCH_RETRY_S = 1.0
+# A command refused for now (a model loading, a collection catching up) is sent again at this pace.
+RETRY_S = 0.5
+# Catalogue events sent per step of the build. Shoppers' photos share detect and embed with
+# catalogue images, so a search waits behind what is queued there: a step at a time keeps that
+# to one step's work (about a second on 2 CPU cores with 4 photos a product).
+STEP_EVENTS = 8
 
 
 class ReindexFailed(RuntimeError):
     """A step was refused or did not finish; the message says what to do."""
 
 
-def send(client: Client, action: str, model: str | None = None, timeout_s: float = 600.0, **fields) -> CatalogIndexed:
-    """One index command, applied or raising ``ReindexFailed`` with embed's reason."""
-    report = client.command(IndexCommand(action=action, model=model, **fields), timeout_s)
-    if report.outcome != "indexed":
-        raise ReindexFailed(f"{action} refused: {report.detail}")
-    return report
-
-
-def switch(client: Client, model: str | None = None, timeout_s: float = 600.0, force: bool = False) -> float:
-    """Switch searches to the model being built once its collection has caught up; returns the
-    seconds it waited. Catalogue events still on their way are what it waits for."""
-    from lookalike.functions.embed.handler import NOT_CAUGHT_UP
+def send(client: Client, action: str, model: str | None = None, timeout_s: float = 600.0, **fields) -> float:
+    """One index command, sent again while embed says to retry ("loading" its model, "not caught
+    up" with the active collection); returns the seconds it took, or raises ``ReindexFailed``."""
+    from lookalike.functions.embed.handler import LOADING, NOT_CAUGHT_UP
 
     start = time.monotonic()
     while True:
-        client.wait_indexed(max(1.0, timeout_s - (time.monotonic() - start)))
-        report = client.command(IndexCommand(action="switch", model=model, force=force), timeout_s)
+        if action == "switch":
+            client.wait_indexed(max(1.0, timeout_s - (time.monotonic() - start)))  # what is on its way
+        report = client.command(IndexCommand(action=action, model=model, **fields), timeout_s)
         if report.outcome == "indexed":
             return time.monotonic() - start
-        if not (report.detail or "").startswith(NOT_CAUGHT_UP) or time.monotonic() - start > timeout_s:
-            raise ReindexFailed(f"switch refused: {report.detail}")
-        time.sleep(SWITCH_RETRY_S)
+        detail = report.detail or ""
+        if not detail.startswith((LOADING, NOT_CAUGHT_UP)) or time.monotonic() - start > timeout_s:
+            raise ReindexFailed(f"{action} refused: {detail}")
+        time.sleep(RETRY_S)
 
 
 def reindex(client: Client, settings: Settings, model_spec: str, catalog: Path, switch_after: bool = True,
-            timeout_s: float = 3600.0, progress: Callable[[IndexReport], None] | None = None) -> dict:
-    """Build ``model_spec``'s collection from ``catalog`` while searches go on, then switch to it."""
+            timeout_s: float = 3600.0, step: int = STEP_EVENTS,
+            progress: Callable[[IndexReport], None] | None = None) -> dict:
+    """Build ``model_spec``'s collection from ``catalog`` while searches go on, then switch to it.
+
+    The catalogue goes in steps of ``step`` events, each sent once the one before is indexed."""
     from lookalike.shared.embedders import resolve_model_id
 
     spec = str(Path(model_spec).resolve()) if Path(model_spec).is_dir() else model_spec
@@ -69,7 +70,12 @@ def reindex(client: Client, settings: Settings, model_spec: str, catalog: Path, 
     start = time.monotonic()
     send(client, "build", model, timeout_s, model_spec=spec)
     built = time.monotonic()
-    report = client.index(events, progress=progress, timeout_s=timeout_s)
+    report = IndexReport()
+    for k in range(0, len(events), max(1, step)):
+        part = client.index(events[k:k + step], timeout_s=max(1.0, timeout_s - (time.monotonic() - start)))
+        report.add(part)
+        if progress:
+            progress(report)
     if report.failed:
         raise ReindexFailed(f"{report.summary()}\n{model} is still being built and receives every change: "
                             "fix what the reasons say and run the same command again (it goes on where it "
@@ -78,7 +84,7 @@ def reindex(client: Client, settings: Settings, model_spec: str, catalog: Path, 
               "outcomes": dict(report.outcomes), "build_s": round(built - start, 1),
               "index_s": round(time.monotonic() - built, 1), "switched": False}
     if switch_after:
-        result["switch_wait_s"] = round(switch(client, model, timeout_s), 1)
+        result["switch_wait_s"] = round(send(client, "switch", model, timeout_s), 1)
         result["switched"] = True
     result["seconds"] = round(time.monotonic() - start, 1)
     return result
@@ -98,6 +104,9 @@ def add_command(sub) -> None:
     p.add_argument("--no-switch", action="store_true", help="build only; switch later with --switch")
     p.add_argument("--force", action="store_true",
                    help="switch even when the new collection holds fewer points (products missing from the file)")
+    p.add_argument("--step", type=int, default=STEP_EVENTS,
+                   help="catalogue events sent at a time, each step once the one before is indexed: searches "
+                        "share detect and embed with the build and wait behind at most one step")
     p.add_argument("--timeout", type=float, default=3600)
 
 
@@ -108,14 +117,14 @@ def cmd_reindex(args, settings: Settings) -> None:
         raise ValueError("--model needs --catalog: the store keeps no image bytes, the catalogue file has them")
     with running_pipeline(settings) as client:
         if args.model:
-            r = reindex(client, settings, args.model, Path(args.catalog), not args.no_switch, args.timeout)
+            r = reindex(client, settings, args.model, Path(args.catalog), not args.no_switch, args.timeout, args.step)
             print(f"built {r['collection']} from {r['events']} catalogue events in {r['build_s'] + r['index_s']} s "
                   f"({', '.join(f'{n} {k}' for k, n in r['outcomes'].items())})")
             print(f"searches now use {r['model']}; the previous model still receives every change: "
                   "`lookalike reindex --rollback` to go back, `--finish` to drop it" if r["switched"] else
                   f"{r['model']} is built and kept up to date; `lookalike reindex --switch` moves searches to it")
         elif args.switch:
-            waited = switch(client, None, args.timeout, force=args.force)
+            waited = send(client, "switch", None, args.timeout, force=args.force)
             print(f"switched (waited {waited:.1f} s for the new collection to catch up)")
         else:
             action = "rollback" if args.rollback else "finish" if args.finish else "abort"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lookalike.functions.detect.handler import Detect
-from lookalike.functions.embed.handler import NOT_CAUGHT_UP, Embed
+from lookalike.functions.embed.handler import LOADING, NOT_CAUGHT_UP, Embed
 from lookalike.functions.ingest.handler import Ingest
 from lookalike.functions.query.handler import Query
 from lookalike.shared.detector import WholeImageDetector
@@ -130,8 +130,13 @@ def upgrade(tmp_path, settings):
         return [emit.message for outcome in outcomes for emit in outcome]
 
     def command(action, model=None, **fields):
-        (report,) = send(IndexCommand(action=action, model=model, **fields))
-        return report
+        """Sent again while embed loads the model in the background, as `lookalike reindex` does."""
+        for _ in range(500):
+            (report,) = send(IndexCommand(action=action, model=model, **fields))
+            if not (report.detail or "").startswith(LOADING):
+                return report
+            time.sleep(0.01)
+        raise AssertionError("the model never loaded")
 
     def search(raw):
         (normalized,) = ingest.on_search_request(SearchRequest(image=data(raw)))
@@ -220,6 +225,29 @@ def test_a_build_that_cannot_load_its_model_is_refused_with_the_reason(upgrade):
     report = upgrade.command("build", "means", model_spec="/models/means")
     assert report.outcome == "incomplete" and "cannot load model means" in report.detail
     assert "model.pt" in report.detail and upgrade.indexes.state().building is None
+
+
+def test_searches_do_not_wait_for_the_new_model_to_load(upgrade):
+    u = upgrade
+    u.send(upsert("red", colors=[RED]))
+    slow = threading.Event()
+
+    def load(ref):
+        slow.wait(10)
+        return u.means
+
+    u.embed.load = load
+    # WHEN a build starts and its model takes long to load
+    t0 = time.monotonic()
+    (report,) = u.send(IndexCommand(action="build", model="means", model_spec="means"))
+    # THEN the build is refused for now, at once, and searches go on with the active model meanwhile
+    assert report.outcome == "incomplete" and report.detail.startswith(LOADING)
+    result = u.search(photo(RED))
+    assert result.model == "colour" and time.monotonic() - t0 < 5
+    # AND once the model is there, the build sent again goes through
+    slow.set()
+    assert u.command("build", "means", model_spec="means").outcome == "indexed"
+    assert u.indexes.state().building.id == "means"
 
 
 def test_images_name_only_the_models_that_lack_them(upgrade, settings):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pybase64 as base64  # SIMD base64: several times the stdlib's speed on image payloads
 
@@ -42,8 +43,10 @@ from lookalike.shared.stores.base import CollectionSpec, PointRecord
 
 log = logging.getLogger("lookalike.embed")
 
-# The start of a switch's refusal while the new collection is behind: the sender may try again.
+# The start of a refusal that passes: a switch while the new collection is behind, a build while
+# its model loads (in the background: searches do not wait for it). The sender tries again.
 NOT_CAUGHT_UP = "not caught up"
+LOADING = "loading"
 
 
 class IndexRefused(Exception):
@@ -63,6 +66,8 @@ class Embed(Function):
         self.store = indexes.store
         self.load = load
         self.distance = distance
+        self._loading: dict[str, Future] = {}  # a build's model, loading beside the batches
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-model-load")
 
     def routes(self) -> list[Route]:
         return [Route(IMAGES_DETECTED, DetectedMessage, self.on_batch, batch=True)]
@@ -191,7 +196,8 @@ class Embed(Function):
     def _command(self, cmd: IndexCommand) -> list[Emit]:
         """Apply an index command (``lookalike.shared.indexes``) and report it; safe to redo at any line.
 
-        build: load the model, start its collection empty, then record it as building. switch:
+        build: load the model (in the background: the build is refused as "loading" until it is
+        there, and sent again), start its collection empty, then record it as building. switch:
         only when the new collection holds as many points as the active one (the same images
         give the same objects, so the same points). finish/abort: record the model as retired,
         then drop its collection. A command that cannot be applied is reported with the reason."""
@@ -214,10 +220,7 @@ class Embed(Function):
             raise IndexRefused(e) from None
         if new is not state:
             if cmd.action == "build":
-                try:
-                    embedder = self.embedders.get(ref.id) or self._load(ref)
-                except Exception as e:  # not here, not loadable: say so to whoever sent the build
-                    raise IndexRefused(f"cannot load model {ref.id} ({ref.spec}): {e}") from None
+                embedder = self.embedders.get(ref.id) or self._loaded(ref)
                 collection = self.indexes.collection(ref.id)
                 if state.building is None:  # a fresh build starts empty (a rerun's goes on)
                     self.store.drop_collection(collection)
@@ -235,6 +238,19 @@ class Embed(Function):
         if new.retired is not None and new.retired.id not in {m.id for m in new.live()}:
             self.store.drop_collection(self.indexes.collection(new.retired.id))  # a redo drops it again
             self.embedders.pop(new.retired.id, None)
+
+    def _loaded(self, ref: ModelRef) -> Embedder:
+        """The build's model once loaded; until then (it loads in the background) a refusal to retry."""
+        loading = self._loading.get(ref.id)
+        if loading is None:
+            loading = self._loading[ref.id] = self._loader.submit(self._load, ref)
+        if not loading.done():
+            raise IndexRefused(f"{LOADING} model {ref.id} ({ref.spec})")
+        del self._loading[ref.id]
+        try:
+            return loading.result()
+        except Exception as e:  # not here, not loadable: say so to whoever sent the build
+            raise IndexRefused(f"cannot load model {ref.id} ({ref.spec}): {e}") from None
 
     def _load(self, ref: ModelRef) -> Embedder:
         if self.load is None:
