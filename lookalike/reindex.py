@@ -10,8 +10,9 @@ states are in ``lookalike.shared.indexes``). While NEW is built, searches are an
 the active collection and every catalogue change reaches both collections, so nothing is
 lost or stale at the switch. The store keeps no image bytes, so the images come from the
 catalogue file: it is indexed like ``lookalike index`` would (it should be the current
-catalogue), and images NEW's collection already has are not embedded again, so a rerun
-after a failure goes on where it stopped. The switch happens only when NEW's collection
+catalogue), in steps (searches share detect and embed with its images), and images NEW's
+collection already has are not embedded again, so a rerun after a failure goes on where it
+stopped. The switch happens only when NEW's collection
 holds as many points as the active one; after it, the previous collection keeps receiving
 changes until ``--finish``, so ``--rollback`` is instant and loses nothing.
 """
