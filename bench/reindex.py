@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.freshness import percentile
 from lookalike.client import Client, read_catalog
-from lookalike.reindex import STEP_EVENTS, reindex, send
+from lookalike.reindex import reindex, send
 from lookalike.sample_catalog import generate
 from lookalike.shared.config import Settings
 from lookalike.shared.logs import setup_logging
@@ -28,7 +28,7 @@ from lookalike.stack import Stack
 
 
 def run(products: int = 50, photos: int = 4, source: str = "efficientnet_lite0",
-        target: str = "efficientnet_lite2_rmac", step: int = STEP_EVENTS) -> dict:
+        target: str = "efficientnet_lite2_rmac") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=photos, seed=11)
         settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=source, detect_weights="none")
@@ -65,7 +65,7 @@ def run(products: int = 50, photos: int = 4, source: str = "efficientnet_lite0",
             shopper.start()
             time.sleep(10)
             phase[0] = "reindex"
-            r = reindex(client, settings, target, sample.catalog_path, timeout_s=1800, step=step)
+            r = reindex(client, settings, target, sample.catalog_path, timeout_s=1800)
             phase[0] = "after switch"
             time.sleep(10)
             t0 = time.monotonic()
@@ -76,8 +76,7 @@ def run(products: int = 50, photos: int = 4, source: str = "efficientnet_lite0",
             stop.set()
             shopper.join(timeout=90)
             client.close()
-    out = {"products": products, "photos": photos, "from": source, "to": target, "step": step,
-           "reindex_s": r["seconds"],
+    out = {"products": products, "photos": photos, "from": source, "to": target, "reindex_s": r["seconds"],
            "build_s": r["build_s"], "index_s": r["index_s"], "switch_wait_s": r["switch_wait_s"],
            "rollback_s": round(rollback_s, 2), "failed_searches": len(failures), "failures": failures[:3],
            "wrong_first": sum(1 for a in answers if not a[3])}
@@ -97,12 +96,10 @@ def main() -> None:
     p.add_argument("--photos", type=int, default=4)
     p.add_argument("--from", dest="source", default="efficientnet_lite0")
     p.add_argument("--to", dest="target", default="efficientnet_lite2_rmac")
-    p.add_argument("--step", type=int, default=STEP_EVENTS, help="catalogue events per build step")
     args = p.parse_args()
     setup_logging("WARNING")
-    out = run(args.products, args.photos, args.source, args.target, args.step)
-    print(f"reindex {out['from']} -> {out['to']} (steps of {out['step']} events): {out['products']} products x "
-          f"{out['photos']} photos in "
+    out = run(args.products, args.photos, args.source, args.target)
+    print(f"reindex {out['from']} -> {out['to']}: {out['products']} products x {out['photos']} photos in "
           f"{out['reindex_s']} s (build command {out['build_s']} s, catalogue {out['index_s']} s, switch "
           f"{out['switch_wait_s']} s); rollback {out['rollback_s']} s")
     for name in ("before", "reindex", "after switch", "after rollback"):

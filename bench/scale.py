@@ -70,9 +70,9 @@ from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     ImageRef,
+    IndexContext,
     NormalizedImage,
-    QueryContext,
-    SearchFilters,
+    ProductInfo,
 )
 
 PARTITIONS = 4
@@ -124,6 +124,8 @@ class FunctionGroup:
         for line in member.process.stdout:
             with self._lock:
                 member.lines.append(line)
+                if not line.rstrip().endswith(f" for group {GROUP}"):
+                    continue  # another lane's group (detect's search lane) or not about groups
                 if "newly assigned partitions" in line:
                     member.partitions = frozenset(int(p) for p in _PARTITION.findall(line))
                     member.assignments += 1
@@ -202,11 +204,12 @@ def jpeg(side: int) -> tuple[bytes, int, int]:
 
 
 def normalized_images(count: int, side: int = 64, run: str = "scale") -> list[NormalizedImage]:
-    """``count`` query-intent images keyed by distinct request ids (so they spread over all partitions)."""
+    """``count`` catalogue images keyed by distinct product ids (so they spread over all partitions)."""
     raw, width, height = jpeg(side)
     data = ImageRef.from_bytes(raw).data
-    return [NormalizedImage(intent="query", image_id=f"{run}-image-{i:06d}", jpeg=data, width=width, height=height,
-                            query=QueryContext(request_id=f"{run}-{i:06d}", top_k=5, filters=SearchFilters()))
+    return [NormalizedImage(intent="index", image_id=f"{run}-image-{i:06d}", jpeg=data, width=width, height=height,
+                            index=IndexContext(event_id=f"{run}-event-{i:06d}",
+                                               product=ProductInfo(product_id=f"{run}-{i:06d}"), image_index=0))
             for i in range(count)]
 
 

@@ -120,15 +120,6 @@ class IndexReport:
     def finished(self) -> int:
         return sum(self.outcomes.values()) + len(self.dead_lettered)
 
-    def add(self, other: "IndexReport") -> None:
-        """Count ``other`` (a later batch of events) in this report."""
-        self.published += other.published
-        for outcome, n in other.outcomes.items():
-            self.outcomes[outcome] += n
-        self.dead_lettered += other.dead_lettered
-        self.incomplete += other.incomplete
-        self.seconds += other.seconds
-
     @property
     def failed(self) -> int:
         """Events that did not reach the store whole: re-send them (after fixing what the reasons say)."""

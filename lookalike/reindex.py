@@ -10,9 +10,9 @@ states are in ``lookalike.shared.indexes``). While NEW is built, searches are an
 the active collection and every catalogue change reaches both collections, so nothing is
 lost or stale at the switch. The store keeps no image bytes, so the images come from the
 catalogue file: it is indexed like ``lookalike index`` would (it should be the current
-catalogue), in steps (searches share detect and embed with its images), and images NEW's
-collection already has are not embedded again, so a rerun after a failure goes on where it
-stopped. The switch happens only when NEW's collection
+catalogue), and images NEW's collection already has are not embedded again, so a rerun
+after a failure goes on where it stopped. Searches have lanes of their own through every
+function, so they do not queue behind the catalogue's images. The switch happens only when NEW's collection
 holds as many points as the active one; after it, the previous collection keeps receiving
 changes until ``--finish``, so ``--rollback`` is instant and loses nothing.
 """
@@ -29,10 +29,6 @@ from lookalike.shared.messages import IndexCommand
 
 # A command refused for now (a model loading, a collection catching up) is sent again at this pace.
 RETRY_S = 0.5
-# Catalogue events sent per step of the build. Shoppers' photos share detect and embed with
-# catalogue images, so a search waits behind what is queued there: a step at a time keeps that
-# to one step's work (about a second on 2 CPU cores with 4 photos a product).
-STEP_EVENTS = 8
 
 
 class ReindexFailed(RuntimeError):
@@ -58,11 +54,8 @@ def send(client: Client, action: str, model: str | None = None, timeout_s: float
 
 
 def reindex(client: Client, settings: Settings, model_spec: str, catalog: Path, switch_after: bool = True,
-            timeout_s: float = 3600.0, step: int = STEP_EVENTS,
-            progress: Callable[[IndexReport], None] | None = None) -> dict:
-    """Build ``model_spec``'s collection from ``catalog`` while searches go on, then switch to it.
-
-    The catalogue goes in steps of ``step`` events, each sent once the one before is indexed."""
+            timeout_s: float = 3600.0, progress: Callable[[IndexReport], None] | None = None) -> dict:
+    """Build ``model_spec``'s collection from ``catalog`` while searches go on, then switch to it."""
     from lookalike.shared.embedders import resolve_model_id
 
     spec = str(Path(model_spec).resolve()) if Path(model_spec).is_dir() else model_spec
@@ -71,12 +64,7 @@ def reindex(client: Client, settings: Settings, model_spec: str, catalog: Path, 
     start = time.monotonic()
     send(client, "build", model, timeout_s, model_spec=spec)
     built = time.monotonic()
-    report = IndexReport()
-    for k in range(0, len(events), max(1, step)):
-        part = client.index(events[k:k + step], timeout_s=max(1.0, timeout_s - (time.monotonic() - start)))
-        report.add(part)
-        if progress:
-            progress(report)
+    report = client.index(events, progress=progress, timeout_s=timeout_s)
     if report.failed:
         raise ReindexFailed(f"{report.summary()}\n{model} is still being built and receives every change: "
                             "fix what the reasons say and run the same command again (it goes on where it "
@@ -105,9 +93,6 @@ def add_command(sub) -> None:
     p.add_argument("--no-switch", action="store_true", help="build only; switch later with --switch")
     p.add_argument("--force", action="store_true",
                    help="switch even when the new collection holds fewer points (products missing from the file)")
-    p.add_argument("--step", type=int, default=STEP_EVENTS,
-                   help="catalogue events sent at a time, each step once the one before is indexed: searches "
-                        "share detect and embed with the build and wait behind at most one step")
     p.add_argument("--timeout", type=float, default=3600)
 
 
@@ -118,7 +103,7 @@ def cmd_reindex(args, settings: Settings) -> None:
         raise ValueError("--model needs --catalog: the store keeps no image bytes, the catalogue file has them")
     with running_pipeline(settings) as client:
         if args.model:
-            r = reindex(client, settings, args.model, Path(args.catalog), not args.no_switch, args.timeout, args.step)
+            r = reindex(client, settings, args.model, Path(args.catalog), not args.no_switch, args.timeout)
             print(f"built {r['collection']} from {r['events']} catalogue events in {r['build_s'] + r['index_s']} s "
                   f"({', '.join(f'{n} {k}' for k, n in r['outcomes'].items())})")
             print(f"searches now use {r['model']}; the previous model still receives every change: "

@@ -26,6 +26,10 @@ SEARCH_REQUESTS = "search.requests"
 RECOMMEND_REQUESTS = "recommend.requests"
 IMAGES_NORMALIZED = "images.normalized"
 IMAGES_DETECTED = "images.detected"
+# Shoppers' photos take topics of their own through detect and embed (the functions' "search"
+# lanes), so a search never queues behind a catalogue import's images.
+SEARCH_NORMALIZED = "search.normalized"
+SEARCH_DETECTED = "search.detected"
 QUERY_VECTORS = "query.vectors"
 SEARCH_RESULTS = "search.results"
 CATALOG_INDEXED = "catalog.indexed"
@@ -35,6 +39,8 @@ ALL_TOPICS = (
     RECOMMEND_REQUESTS,
     IMAGES_NORMALIZED,
     IMAGES_DETECTED,
+    SEARCH_NORMALIZED,
+    SEARCH_DETECTED,
     QUERY_VECTORS,
     SEARCH_RESULTS,
     CATALOG_INDEXED,

@@ -57,6 +57,8 @@ from lookalike.shared.messages import (
     IMAGES_NORMALIZED,
     QUERY_VECTORS,
     RECOMMEND_REQUESTS,
+    SEARCH_DETECTED,
+    SEARCH_NORMALIZED,
     SEARCH_REQUESTS,
     Message,
     dlq_topic,
@@ -72,7 +74,9 @@ CONSUMER_GROUPS: dict[str, tuple[str, ...]] = {
     "lookalike-ingest": (CATALOG_EVENTS,),
     "lookalike-ingest-search": (SEARCH_REQUESTS,),
     "lookalike-detect": (IMAGES_NORMALIZED,),
+    "lookalike-detect-search": (SEARCH_NORMALIZED,),
     "lookalike-embed": (IMAGES_DETECTED,),
+    "lookalike-embed-search": (SEARCH_DETECTED,),
     "lookalike-query": (QUERY_VECTORS, RECOMMEND_REQUESTS),
 }
 

@@ -31,6 +31,8 @@ from lookalike.shared.messages import (
     IMAGES_DETECTED,
     IMAGES_NORMALIZED,
     QUERY_VECTORS,
+    SEARCH_DETECTED,
+    SEARCH_NORMALIZED,
     SEARCH_RESULTS,
     THUMBNAIL_SIDE,
     Box,
@@ -290,10 +292,26 @@ def test_delete_removes_the_product(pipeline, store):
 # ----------------------------------------------------------------------------- detect
 
 
+def test_search_photos_and_catalogue_images_take_separate_lanes_through_detect_and_embed(pipeline):
+    # GIVEN the routes of detect and embed
+    lanes = {(r.topic, r.lane) for fn in (pipeline.detect, pipeline.embed) for r in fn.routes()}
+    # THEN each reads shoppers' photos in a lane (consumer group, thread) of its own
+    assert lanes == {(IMAGES_NORMALIZED, ""), (SEARCH_NORMALIZED, "search"),
+                     (IMAGES_DETECTED, ""), (SEARCH_DETECTED, "search")}
+    # AND a catalogue image stays on the catalogue topics
+    normalized, _ = pipeline.ingest.on_catalog_event(upsert("p1"))
+    assert (normalized.topic, pipeline.detect.on_image(normalized.message)[0].topic) == (IMAGES_NORMALIZED,
+                                                                                        IMAGES_DETECTED)
+    # AND a query photo an older ingest still put on images.normalized goes on to search.detected
+    (query,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo())))
+    assert pipeline.detect.on_image(query.message)[0].topic == SEARCH_DETECTED
+
+
 def test_detect_appends_the_whole_image_and_honours_a_user_box(pipeline):
     (normalized,) = pipeline.ingest.on_search_request(SearchRequest(image=data(photo(size=(1280, 960)))))
     (detected,) = pipeline.detect.on_image(normalized.message)
-    assert detected.topic == IMAGES_DETECTED
+    # shoppers' photos keep to their own topics: they never queue behind catalogue images
+    assert (normalized.topic, detected.topic) == (SEARCH_NORMALIZED, SEARCH_DETECTED)
     assert [o.label for o in detected.message.objects] == ["image"]
     assert detected.message.objects[0].box.as_list() == [0, 0, 640, 480]
     # GIVEN a box drawn on the uploaded 1280x960 photo

@@ -74,7 +74,7 @@ def test_processes_share_the_partitions_and_handle_each_event_once(processes):
     for record in outputs:
         detected = DetectedImage.model_validate_json(record.value)
         event = by_key[record.key.decode()]
-        assert detected.query == event.query and detected.image_id == event.image_id
+        assert detected.index == event.index and detected.image_id == event.image_id
         assert detected.objects == [whole_image_object(event.width, event.height)]
 
 

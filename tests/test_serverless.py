@@ -28,6 +28,7 @@ from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
     QUERY_VECTORS,
+    SEARCH_NORMALIZED,
     SEARCH_REQUESTS,
     SEARCH_RESULTS,
     Box,
@@ -265,7 +266,8 @@ def test_ingest_routes_each_record_to_its_lane(kafka, monkeypatch):
     # THEN both were handled, each by its own route
     out = {r.key: json.loads(r.value) for r in kafka.log.read(IMAGES_NORMALIZED)}
     assert out[b"p1"]["intent"] == "sync" and out[b"p1"]["outcome"] == "deleted"
-    assert out[b"r1"]["intent"] == "query" and out[b"r1"]["query"]["request_id"] == "r1"
+    (query,) = [json.loads(r.value) for r in kafka.log.read(SEARCH_NORMALIZED)]
+    assert query["intent"] == "query" and query["query"]["request_id"] == "r1"
     assert summary == {"function": "ingest", "records": 2, "produced": 2, "dead_lettered": 0}
     assert set(serverless.warm_function().runners) == {"", "search"}
 

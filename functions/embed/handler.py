@@ -1,9 +1,10 @@
 """embed: crop objects, embed them in shared batches, then store or forward the vectors.
 
-images.detected -> vector store upsert (intent index) or query.vectors (intent query).
-Crops from every message of the polled batch go through the CNN together, so
-catalogue indexing and shopper queries share the batching. The thumbnail a result
-card shows is made here, from the image being stored, once per image.
+images.detected -> vector store upsert (intent index); search.detected -> query.vectors
+(intent query), in a lane of its own, so a shopper's photo never queues behind a
+catalogue import. Crops from every message of the polled batch go through the CNN
+together. The thumbnail a result card shows is made here, from the image being stored,
+once per image.
 
 During a model upgrade (``lookalike.shared.indexes``) two models are live: catalogue
 images are embedded by each model whose collection lacks them and written to each;
@@ -14,6 +15,7 @@ upgrade's index commands, in their place in the stream.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +30,7 @@ from lookalike.shared.messages import (
     CATALOG_INDEXED,
     IMAGES_DETECTED,
     QUERY_VECTORS,
+    SEARCH_DETECTED,
     THUMBNAIL_SIDE,
     CatalogIndexed,
     DetectedImage,
@@ -68,9 +71,11 @@ class Embed(Function):
         self.distance = distance
         self._loading: dict[str, Future] = {}  # a build's model, loading beside the batches
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-model-load")
+        self._models = threading.Lock()  # the two lanes (threads) share the embedders
 
     def routes(self) -> list[Route]:
-        return [Route(IMAGES_DETECTED, DetectedMessage, self.on_batch, batch=True)]
+        return [Route(IMAGES_DETECTED, DetectedMessage, self.on_batch, batch=True),
+                Route(SEARCH_DETECTED, DetectedMessage, self.on_batch, batch=True, lane="search")]
 
     def on_batch(self, messages: list[DetectedImage | ProductSync | IndexCommand]) -> list[Outcome]:
         outcomes: list[Outcome] = [[] for _ in messages]
@@ -88,7 +93,6 @@ class Embed(Function):
             return
         state = self.indexes.state()
         live = [m.id for m in state.live()]
-        self._load_live(state)
         # One pass through each model's CNN for every box of the batch, both intents together;
         # the embedder decodes (on the GPU when it runs there) and makes each index image's
         # thumbnail (once per image, by the first model that embeds it).
@@ -112,7 +116,7 @@ class Embed(Function):
             results[i] = {}
         for model, model_jobs in jobs.items():
             if model_jobs:
-                done = self.embedders[model].embed_jobs(list(model_jobs.values()))
+                done = self._embedder(state, model).embed_jobs(list(model_jobs.values()))
                 for i, result in zip(model_jobs, done, strict=True):
                     if isinstance(result, Exception):
                         errors.setdefault(i, result)
@@ -150,13 +154,12 @@ class Embed(Function):
         wanted = msg.index.models
         return [m for m in live if wanted is None or m in wanted]
 
-    def _load_live(self, state: IndexState) -> None:
-        """Have an embedder for every live model; let go of the others (a finished upgrade's)."""
-        for ref in state.live():
-            if ref.id not in self.embedders:
-                self.embedders[ref.id] = self._load(ref)  # a failure retries the batch
-        for model in set(self.embedders) - {m.id for m in state.live()}:
-            del self.embedders[model]
+    def _embedder(self, state: IndexState, model: str) -> Embedder:
+        """A live model's embedder, loaded here the first time (a replica that did not apply the build)."""
+        with self._models:
+            if model not in self.embedders:
+                self.embedders[model] = self._load(next(m for m in state.live() if m.id == model))  # failure: retry
+            return self.embedders[model]
 
     def _flush(self, pending: dict[str, list[PointRecord]]) -> None:
         for model, points in pending.items():
@@ -225,7 +228,8 @@ class Embed(Function):
                 if state.building is None:  # a fresh build starts empty (a rerun's goes on)
                     self.store.drop_collection(collection)
                 self.store.ensure_collection(CollectionSpec(collection, embedder.spec.dim, self.distance))
-                self.embedders[ref.id] = embedder
+                with self._models:
+                    self.embedders[ref.id] = embedder
             if cmd.action == "switch" and not cmd.force:
                 have = self.store.count(self.indexes.collection(state.building.id))
                 want = self.store.count(self.indexes.collection(state.active.id))
@@ -237,7 +241,8 @@ class Embed(Function):
             log.info("index %s %s: %s", cmd.action, cmd.model or "", new.describe())
         if new.retired is not None and new.retired.id not in {m.id for m in new.live()}:
             self.store.drop_collection(self.indexes.collection(new.retired.id))  # a redo drops it again
-            self.embedders.pop(new.retired.id, None)
+            with self._models:
+                self.embedders.pop(new.retired.id, None)
 
     def _loaded(self, ref: ModelRef) -> Embedder:
         """The build's model once loaded; until then (it loads in the background) a refusal to retry."""

@@ -1,7 +1,7 @@
 """ingest: validate events, fetch and normalise images, short-cut unchanged catalogue upserts.
 
 catalog.events  -> images.normalized (intent index), or a payload-only store update
-search.requests -> images.normalized (intent query), in a lane (consumer group) of its own
+search.requests -> search.normalized (intent query), in a lane (consumer group) of its own
 
 Catalogue changes reach every collection that receives them (``lookalike.shared.indexes``:
 two during a model upgrade); index commands are checked here and passed on to embed.
@@ -26,6 +26,7 @@ from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
     IMAGES_NORMALIZED,
+    SEARCH_NORMALIZED,
     SEARCH_REQUESTS,
     CatalogDelete,
     CatalogEvent,
@@ -123,7 +124,7 @@ class Ingest(Function):
             box = request.box.scaled(scale)
             if box.misses(w, h):
                 raise PoisonMessage(f"box {request.box.as_list()} lies outside the photo")
-        return [Emit(IMAGES_NORMALIZED, NormalizedImage(
+        return [Emit(SEARCH_NORMALIZED, NormalizedImage(
             intent="query", image_id=iid, jpeg=base64.b64encode(jpeg).decode(), width=w, height=h, box=box,
             query=QueryContext(request_id=request.request_id, top_k=request.top_k, filters=request.filters),
         ))]
