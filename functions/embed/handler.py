@@ -93,7 +93,7 @@ class Embed(Function):
             return
         state = self.indexes.state()
         live = [m.id for m in state.live()]
-        # One pass through each model's CNN for every box of the batch, both intents together;
+        # One pass through each model's CNN for every box of the batch (a lane's: catalogue images or searches);
         # the embedder decodes (on the GPU when it runs there) and makes each index image's
         # thumbnail (once per image, by the first model that embeds it).
         results: dict[int, dict[str, Embedded]] = {}
