@@ -61,9 +61,10 @@ class Resources:
         if state.building or state.previous:
             res.notes.append(f"model upgrade under way: {state.describe()}")
         if state.active == default:
-            collection = res.collection
-            if collection not in res.store.collections():
-                others = [c for c in res.store.collections() if c.startswith("lookalike__") and res.store.count(c)]
+            collection = res.indexes.collection(default_id)
+            existing = res.store.collections()
+            if collection not in existing:
+                others = [c for c in existing if c.startswith("lookalike__") and res.store.count(c)]
                 if others and res.store.read_doc(STATE_DOC) is None:
                     res.notes.append(f"{collection} is new and empty while {', '.join(others)} holds the catalogue: "
                                      f"to change models, start with the old EMBED_MODEL and use lookalike reindex")

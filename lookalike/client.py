@@ -134,6 +134,11 @@ class IndexReport:
         return "\n".join(lines)
 
 
+def _headers(record) -> dict[str, str]:
+    """A record's headers as text (the DLQ's reason, function, source and time travel there)."""
+    return {k: v.decode(errors="replace") for k, v in record.headers or []}
+
+
 def _event_id(value: bytes) -> str | None:
     try:
         doc = json.loads(value)
@@ -245,7 +250,7 @@ class Client:
                 if done.outcome == "incomplete":
                     incomplete[done.event_id] = (done.product_id, done.missing_images)
             return
-        headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
+        headers = _headers(record)
         event = by_source.pop(headers.get("dlq.source", ""), None)
         if event is not None:
             report.dead_lettered.append((event.product_id, headers.get("dlq.reason", "")))
@@ -289,9 +294,8 @@ class Client:
                             if report.event_id == command.event_id:
                                 return report
                         elif _event_id(r.value) == command.event_id:
-                            headers = {k: v.decode(errors="replace") for k, v in r.headers or []}
                             raise RuntimeError(f"index {command.action} was dead-lettered on {tp.topic}: "
-                                               f"{headers.get('dlq.reason', '')}")
+                                               f"{_headers(r).get('dlq.reason', '')}")
         finally:
             watcher.close(autocommit=False)
         raise TimeoutError(f"index {command.action}: no report from embed after {timeout_s:.0f} s "
@@ -322,7 +326,7 @@ class Client:
         out = []
         try:
             for r in consumer:
-                headers = {k: v.decode(errors="replace") for k, v in r.headers or []}
+                headers = _headers(r)
                 out.append({"key": r.key, "value": r.value, "reason": headers.get("dlq.reason"), "headers": headers})
         finally:
             consumer.close()

@@ -249,9 +249,9 @@ INDEX_KEY = "lookalike.index"
 class IndexCommand(Message):
     """A step of a model upgrade (``lookalike reindex``; states in ``lookalike.shared.indexes``).
 
-    Sent on catalog.events (``type`` "index"); ingest checks it against the index state and
-    passes it on (``intent`` "command") through images.normalized and images.detected to
-    embed, which holds the models: embed applies it and reports it on catalog.indexed.
+    Sent on catalog.events (``type`` "index"); ingest passes it on (``intent`` "command")
+    through images.normalized and images.detected to embed, which holds the models: embed
+    applies it, or refuses it with the reason, and reports it on catalog.indexed.
     """
 
     type: Literal["index"] = "index"

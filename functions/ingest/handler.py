@@ -4,7 +4,7 @@ catalog.events  -> images.normalized (intent index), or a payload-only store upd
 search.requests -> search.normalized (intent query), in a lane (consumer group) of its own
 
 Catalogue changes reach every collection that receives them (``lookalike.shared.indexes``:
-two during a model upgrade); index commands are checked here and passed on to embed.
+two during a model upgrade); index commands pass on to embed, which applies them.
 
 "Unchanged" is decided from the points really in the store, never from a note ingest
 made itself: an image counts as indexed only once embed has written its points. So a

@@ -162,6 +162,10 @@ class Thresholds:
         return cls(*(None if v is None else float(v) for v in values), info=info)
 
 
+class CollectionGone(Exception):
+    """The collection searched does not exist (any more)."""
+
+
 class Query(Function):
     name = "query"
 
@@ -199,7 +203,10 @@ class Query(Function):
         merge = self.merge_threshold < 1.0
         limit = max(1, top_k * self.oversample)
         while True:
-            hits = self.store.search(collection, vector, limit, filters, exclude, with_vectors=merge)
+            try:
+                hits = self.store.search(collection, vector, limit, filters, exclude, with_vectors=merge)
+            except KeyError:  # the stores' "unknown collection"
+                raise CollectionGone(collection) from None
             products = collapse(hits, top_k, self.merge_threshold)
             if len(products) >= top_k or len(hits) < limit or limit >= self.max_points:
                 return products
@@ -212,7 +219,7 @@ class Query(Function):
         collection = self.indexes.collection(msg.model)
         try:
             objects = [self._object(collection, msg.model, o, msg.top_k, msg.filters) for o in msg.objects]
-        except KeyError:  # unknown collection: that model left service since (a finished upgrade)
+        except CollectionGone:  # that model left service since (a finished upgrade)
             result = SearchResult(request_id=msg.request_id, status="error", model=msg.model,
                                   error=f"model {msg.model} is no longer served: search again")
             return [Emit(SEARCH_RESULTS, result)]
