@@ -135,7 +135,7 @@ def main() -> None:
     precision = args.precision if args.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
     out: dict = {"device": device, "model": args.model, "precision": precision}
     steps = [
-        ("embed", lambda: embed_bench.run(args.model, args.images, precision, 32, device)),
+        ("embed", lambda: embed_bench.run(args.model, args.images, precision, 0, device)),
         ("detect", lambda: {"detect.ms_per_image": detect_ms_per_image()}),
         ("search", lambda: search_at_scale(args.points)),
         ("e2e", lambda: pipeline_bench.run(args.products, 4, 20, args.model, precision)),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lookalike.shared.embedders import REGISTRY, OnnxEmbedder, TorchEmbedder, choose_runtime
+from lookalike.shared.embedders import REGISTRY, OnnxEmbedder, TorchEmbedder, choose_runtime, default_batch_size
 from lookalike.shared.embedding import ImageJob
 from lookalike.shared.images import jpeg_header, open_jpeg
 from lookalike.shared.messages import Box
@@ -112,6 +112,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     import copy
 
     spec = REGISTRY[model_id]
+    batch = batch or default_batch_size(device)  # 0: what the product uses on this device
     jpegs = photo_files(folder, n) if folder else photos(n)
     n = len(jpegs)
     model = model_for(model_id)
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=0, help="images per network batch (0: the product's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"))
     parser.add_argument("--photos", help="a folder of real photos (default: synthetic 640x480 JPEGs)")

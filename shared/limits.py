@@ -55,8 +55,13 @@ INLINE_IMAGE_BYTES = (MAX_MESSAGE_BYTES - RECORD_OVERHEAD_BYTES - EVENT_TEXT_BYT
 # a 640 px JPEG at quality 90 is under 0.5 MB even for noise, a quarter of a message.
 IMAGE_MAX_SIDE = 640
 # A source photo as uploaded or fetched; it is decoded with a bounded buffer and only ever
-# published re-encoded at IMAGE_MAX_SIDE, so it may be larger than a message.
+# published re-encoded at IMAGE_MAX_SIDE (or as it came, under PASS_THROUGH_MAX_BYTES), so it
+# may be larger than a message.
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
+
+# A JPEG ingest may pass on without re-encoding (shared.images.normalize): at most this many bytes.
+# A 640 px photo at quality 95 is about 150 KB; a bigger one wastes bytes on every hop.
+PASS_THROUGH_MAX_BYTES = 256 * 1024
 # Pixels of a source photo: a 48 MP phone photo (8064x6048). JPEGs decode at a reduced DCT
 # scale (1/8 for that one), other formats are held to MAX_DECODE_BYTES.
 MAX_IMAGE_PIXELS = 50_000_000

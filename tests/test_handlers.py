@@ -178,6 +178,25 @@ def test_ingest_normalises_to_capped_rgb_jpeg(pipeline):
     assert sync.message.keep_image_ids == [emit.message.image_id]
 
 
+def test_ingest_passes_a_plain_jpeg_on_as_it_came_and_strips_what_could_identify_a_shopper(pipeline):
+    # GIVEN a baseline JPEG within 640 px that carries nothing but pixels
+    plain = photo(size=(400, 300))
+    # WHEN ingested, THEN the very same bytes go on (no second JPEG loss, no re-encoding's CPU)
+    (emit,) = pipeline.ingest.on_search_request(SearchRequest(image=data(plain)))
+    assert emit.message.jpeg_bytes() == plain and (emit.message.width, emit.message.height) == (400, 300)
+    # GIVEN the same photo with a GPS position in its EXIF, or as a progressive JPEG
+    exif = Image.Exif()
+    exif.get_ifd(0x8825)[2] = (52.0, 31.0, 12.0)  # GPSLatitude
+    for kwargs in ({"exif": exif}, {"progressive": True}):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(plain)).save(buf, "JPEG", **kwargs)
+        (emit,) = pipeline.ingest.on_search_request(SearchRequest(image=data(buf.getvalue())))
+        # THEN it is re-encoded: no metadata travels on, and the result is a baseline JPEG
+        out = Image.open(io.BytesIO(emit.message.jpeg_bytes()))
+        assert emit.message.jpeg_bytes() != buf.getvalue()
+        assert not {"exif", "progressive"} & set(out.info) and out.size == (400, 300)
+
+
 def test_ingest_applies_exif_rotation(pipeline):
     # GIVEN a landscape photo whose EXIF says "rotate 90°"
     event = CatalogUpsert(product_id="rot", images=[data(photo(size=(400, 200), exif_orientation=6))])
@@ -253,6 +272,25 @@ def test_unchanged_images_update_the_payload_without_detect_or_embed(pipeline, s
     assert store.count(COLLECTION) == points
     hit = store.search(COLLECTION, ColourEmbedder().embed([Image.open(io.BytesIO(photo()))])[0], 1)[0]
     assert hit.payload["title"] == "renamed" and hit.payload["min_price"] == 1.0
+
+
+def test_a_resent_catalogue_event_decodes_none_of_its_indexed_images(pipeline, store, monkeypatch):
+    # GIVEN an indexed product
+    pipeline.index(upsert())
+    # WHEN the same event arrives again (a nightly full feed) and decoding would fail
+    import lookalike.functions.ingest.handler as ingest_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an indexed image was decoded again")
+
+    monkeypatch.setattr(ingest_module, "normalize", no_decoding)
+    emits = pipeline.ingest.on_catalog_event(upsert(offers=[Offer(shop="z", price=2.0)]))
+    # THEN it is closed as unchanged from the stored image ids alone, keeping its image
+    (sync,) = [e.message for e in emits]
+    assert sync.outcome == "unchanged" and len(sync.keep_image_ids) == 1
+    # AND a new photo of the product is still decoded (and a bad one still refused)
+    with pytest.raises(AssertionError, match="decoded again"):
+        pipeline.ingest.on_catalog_event(upsert(colors=((200, 30, 30), (0, 0, 255))))
 
 
 def test_changed_images_replace_the_stale_points(pipeline, store):

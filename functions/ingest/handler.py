@@ -57,11 +57,13 @@ class Ingest(Function):
             Route(SEARCH_REQUESTS, SearchRequest, self.on_search_request, lane="search"),
         ]
 
-    def _normalize(self, ref) -> tuple[str, bytes, int, int, float]:
+    def _fetch(self, ref) -> bytes:
         s = self.settings
-        raw = load_source(ref, s.max_image_bytes, s.url_timeout_s, s.allow_private_urls)
-        jpeg, w, h, scale = normalize(raw, s.image_max_side, s.max_image_pixels)
-        return image_id(raw), jpeg, w, h, scale
+        return load_source(ref, s.max_image_bytes, s.url_timeout_s, s.allow_private_urls)
+
+    def _normalize(self, raw: bytes) -> tuple[bytes, int, int, float]:
+        s = self.settings
+        return normalize(raw, s.image_max_side, s.max_image_pixels)
 
     def on_catalog_event(self, event: CatalogUpsert | CatalogDelete | IndexCommand) -> list[Emit]:
         """Images a collection does not have go on to detection; a ``ProductSync`` closes the event.
@@ -83,20 +85,25 @@ class Ingest(Function):
             sync = ProductSync(event_id=event.event_id, product_id=event.product_id, outcome="deleted")
             return [Emit(IMAGES_NORMALIZED, sync)]
 
-        # Decode every image first: one bad image makes the whole event poison, so a
-        # product is never half-updated.
-        images: dict[str, tuple[int, bytes, int, int, str | None]] = {}
+        indexed = {m: self.store.product_image_ids(c, event.product_id) for m, c in collections.items()}
+        # Decode every image the store lacks first: one bad image makes the whole event poison,
+        # so a product is never half-updated. An image already indexed (the same bytes) decoded
+        # fine before, so a re-sent catalogue costs no decoding at all.
+        new: dict[str, tuple[int, bytes, int, int, str | None]] = {}  # image id -> what goes on
+        lacking: dict[str, list[str]] = {}  # every image id of the event -> models whose collection lacks it
         for index, ref in enumerate(event.images):
             try:
-                iid, jpeg, w, h, _ = self._normalize(ref)
+                raw = self._fetch(ref)
+                iid = image_id(raw)
+                if iid in lacking:
+                    continue
+                lacking[iid] = [m for m in models if iid not in indexed[m]]
+                if lacking[iid]:
+                    new[iid] = (index, *self._normalize(raw)[:3], ref.url)
             except PoisonMessage as e:
                 raise PoisonMessage(f"image {index} of product {event.product_id}: {e}") from None
-            images.setdefault(iid, (index, jpeg, w, h, ref.url))
 
         product = event.product()
-        indexed = {m: self.store.product_image_ids(c, event.product_id) for m, c in collections.items()}
-        lacking = {iid: [m for m in models if iid not in indexed[m]] for iid in images}
-        new = {iid: v for iid, v in images.items() if lacking[iid]}
         if not new:
             # Title, offers and prices change in place now: no detection, no embedding.
             for collection in collections.values():
@@ -113,12 +120,14 @@ class Ingest(Function):
             ))
             for iid, (index, jpeg, w, h, url) in new.items()
         ]
-        sync = ProductSync(event_id=event.event_id, product_id=event.product_id, keep_image_ids=sorted(images),
+        sync = ProductSync(event_id=event.event_id, product_id=event.product_id, keep_image_ids=sorted(lacking),
                            product=product, outcome="indexed" if new else "unchanged", new_images=len(new))
         return emits + [Emit(IMAGES_NORMALIZED, sync)]
 
     def on_search_request(self, request: SearchRequest) -> list[Emit]:
-        iid, jpeg, w, h, scale = self._normalize(request.image)
+        raw = self._fetch(request.image)
+        iid = image_id(raw)
+        jpeg, w, h, scale = self._normalize(raw)
         box = None
         if request.box is not None:  # given in pixels of the uploaded photo
             box = request.box.scaled(scale)
