@@ -114,12 +114,12 @@ class GatewayTimeout(Exception):
 class Gateway:
     """What the endpoints share: producer, results listener, offsets reader, store."""
 
-    def __init__(self, bootstrap_servers: str, store: VectorStore, indexes: Indexes | str, settings: Settings,
+    def __init__(self, bootstrap_servers: str, store: VectorStore, indexes: Indexes, settings: Settings,
                  function_health: Callable[[], dict[str, dict]] | None = None):
         self.bootstrap_servers = bootstrap_servers
         self.store = store
         # The active model's collection, read when needed: a reindex switches it (lookalike.shared.indexes).
-        self.indexes = indexes if isinstance(indexes, Indexes) else Indexes.fixed(store, indexes)
+        self.indexes = indexes
         self.settings = settings
         self.function_health = function_health  # {function: {"ok": bool, ...}}, from whoever runs them
         self.timeout_s = settings.gateway_timeout_s
@@ -585,7 +585,7 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: HTTPExcepti
 # --------------------------------------------------------------------------- app
 
 
-def create_app(bootstrap_servers: str, store: VectorStore, indexes: Indexes | str, settings: Settings | None = None,
+def create_app(bootstrap_servers: str, store: VectorStore, indexes: Indexes, settings: Settings | None = None,
                function_health: Callable[[], dict[str, dict]] | None = None,
                refresh_metrics: Callable[[], None] | None = None) -> FastAPI:
     """The gateway app; ``function_health`` reports each pipeline function for /healthz (503 if one is not ok),

@@ -39,7 +39,7 @@ def api(stack, indexed):
 
     from lookalike.gateway.app import create_app
 
-    app = create_app(stack.bootstrap_servers, stack.resources.store, stack.resources.collection, stack.settings)
+    app = create_app(stack.bootstrap_servers, stack.resources.store, stack.resources.indexes, stack.settings)
     with TestClient(app) as http:  # runs the lifespan: the results listener starts
         yield http
 
@@ -52,7 +52,7 @@ def limited(stack):
     from lookalike.gateway.app import create_app
 
     settings = make_settings(stack.settings.data_dir, max_image_bytes=50_000, max_image_pixels=1_000_000)
-    return TestClient(create_app(stack.bootstrap_servers, stack.resources.store, stack.resources.collection, settings))
+    return TestClient(create_app(stack.bootstrap_servers, stack.resources.store, stack.resources.indexes, settings))
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -217,6 +217,7 @@ def test_healthz_is_503_when_the_store_fails(stack):
 
     from lookalike.gateway.app import create_app
     from lookalike.shared.errors import StoreUnavailable
+    from lookalike.shared.indexes import Indexes
 
     class BrokenStore:
         backend = "broken"
@@ -227,7 +228,8 @@ def test_healthz_is_503_when_the_store_fails(stack):
         def read_doc(self, name):
             raise StoreUnavailable("disk on fire")
 
-    http = TestClient(create_app(stack.bootstrap_servers, BrokenStore(), "c", stack.settings))
+    store = BrokenStore()
+    http = TestClient(create_app(stack.bootstrap_servers, store, Indexes.fixed(store, "c"), stack.settings))
     response = http.get("/healthz")
     assert response.status_code == 503
     assert response.json()["store"] == {"ok": False, "error": "disk on fire"}
@@ -286,7 +288,7 @@ def test_no_answer_is_a_504_and_leaves_nothing_waiting(stack, tmp_path):
     with TansuBroker() as broker:
         ensure_topics(broker.bootstrap_servers, 1)
         settings = make_settings(tmp_path, gateway_timeout_s=1.5)
-        app = create_app(broker.bootstrap_servers, stack.resources.store, stack.resources.collection, settings)
+        app = create_app(broker.bootstrap_servers, stack.resources.store, stack.resources.indexes, settings)
         with TestClient(app) as http:
             # WHEN a shopper searches
             start = time.monotonic()

@@ -11,6 +11,7 @@ import re
 import pytest
 from prometheus_client import REGISTRY
 
+from lookalike.shared.indexes import Indexes
 from lookalike.shared.messages import SearchResult
 from tests.conftest import make_settings
 
@@ -41,7 +42,8 @@ def gateway(tmp_path):
 
     def make(client=("10.0.0.1", 50000), root_path="", **overrides):
         settings = make_settings(tmp_path, **overrides)
-        app = create_app("127.0.0.1:1", store=Store(), indexes="c", settings=settings)
+        store = Store()
+        app = create_app("127.0.0.1:1", store=store, indexes=Indexes.fixed(store, "c"), settings=settings)
         app.state.gateway.request = lambda topic, message: (SearchResult(request_id=message.request_id,
                                                                           kind="recommend"), "0" * 32)
         app.state.gateway.health = lambda: (True, {"status": "ok"})
@@ -134,7 +136,8 @@ def test_health_errors_are_scrubbed_of_secrets(tmp_path, monkeypatch):
     monkeypatch.setattr(gateway_app, "OffsetReader", Offsets)
     settings = make_settings(tmp_path, kafka_sasl_password=password, qdrant_api_key=qdrant_key,
                              gateway_api_keys=KEY)
-    app = gateway_app.create_app("127.0.0.1:1", store=LeakyStore(), indexes="c", settings=settings,
+    store = LeakyStore()
+    app = gateway_app.create_app("127.0.0.1:1", store=store, indexes=Indexes.fixed(store, "c"), settings=settings,
                                  function_health=lambda: {"embed": {"ok": False, "last_error": f"bad key {KEY}"}})
     response = TestClient(app).get("/healthz")
     # THEN health says what failed, with every secret replaced

@@ -358,7 +358,8 @@ def gateway(tmp_path):
 
     def make(function_health=None, **overrides):
         settings = make_settings(tmp_path, **overrides)
-        app = create_app("127.0.0.1:1", store=None, indexes="c", settings=settings, function_health=function_health)
+        app = create_app("127.0.0.1:1", store=None, indexes=Indexes.fixed(None, "c"), settings=settings,
+                         function_health=function_health)
         pipeline = FakePipeline(settings)
         app.state.gateway.request = pipeline
         return TestClient(app), pipeline
