@@ -140,7 +140,7 @@ def decode(raw: bytes, max_side: int, max_pixels: int) -> Decoded:
     except Exception as e:  # Pillow raises many types on malformed input (OSError, SyntaxError, EOFError...)
         raise PoisonMessage(f"image cannot be decoded: {e}") from None
     upright = (height, width) if method in _SWAPS_SIDES else (width, height)
-    return Decoded(img, upright, plain and method is None and img.size == (width, height))
+    return Decoded(img, upright, plain and method is None)  # within the cap: drafting and thumbnail left it whole
 
 
 def to_jpeg(img: Image.Image, quality: int = 90) -> bytes:
