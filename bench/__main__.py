@@ -120,19 +120,21 @@ def rss_mb() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                        help="auto: what the product picks for this model on this machine")
     parser.add_argument("--images", type=int, default=96, help="photos for the embedding figures")
     parser.add_argument("--points", type=int, default=100_000, help="points for the search figures")
     parser.add_argument("--products", type=int, default=100,
                         help="catalogue events (4 photos each) for the end-to-end figures")
     parser.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = parser.parse_args()
-    from lookalike.shared.embedders import bf16_supported
+    from lookalike.shared.embedders import REGISTRY, auto_precision
     from lookalike.shared.logs import setup_logging
 
     setup_logging("WARNING")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision if args.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
+    precision = args.precision if args.precision != "auto" else auto_precision(
+        device, "auto", REGISTRY[args.model], embed_bench.model_for(args.model))
     out: dict = {"device": device, "model": args.model, "precision": precision}
     steps = [
         ("embed", lambda: embed_bench.run(args.model, args.images, precision, 0, device)),

@@ -12,7 +12,8 @@ Measured in one run, so the ratios hold on a noisy machine:
   overlapped with the model;
 - ``model_img_per_s``: that embedder's network alone on ready uint8 batches (the ceiling of the above);
 - ``peak_fraction``: achieved FLOP/s of the batched path over this machine's measured matmul
-  peak in the same precision (a 2048^3 GEMM, best of 5); FLOPs per image are counted by
+  peak in the same precision (a 2048^3 GEMM, best of 5; int8: ``torch._int_mm``, int8 in and
+  int32 out, as VNNI computes); FLOPs per image are counted by
   torch's FlopCounterMode on one forward pass (multiply-adds count 2).
 
 Random weights time the same as pretrained ones, so a model whose weights are not on this
@@ -74,16 +75,23 @@ def model_for(model_id: str) -> torch.nn.Module:
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """Operations per second of an n^3 GEMM in ``dtype`` (int8: int8 x int8 -> int32, ``torch._int_mm``)."""
+    if dtype == torch.int8:
+        a = torch.randint(-128, 128, (n, n), dtype=dtype, device=device)
+        b = torch.randint(-128, 128, (n, n), dtype=dtype, device=device)
+        gemm = torch._int_mm
+    else:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        gemm = torch.matmul
     best = float("inf")
     with torch.inference_mode():
-        torch.matmul(a, b)
+        gemm(a, b)
         for _ in range(repeats):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            torch.matmul(a, b)
+            gemm(a, b)
             if device == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
@@ -119,7 +127,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     naive_model = copy.deepcopy(model).eval().to(device)  # the same weights, left as they are
     runtime = choose_runtime(runtime, torch.device(device).type, precision)
     if runtime == "onnx":
-        embedder = OnnxEmbedder(spec, copy.deepcopy(model), batch)
+        embedder = OnnxEmbedder(spec, copy.deepcopy(model), batch, precision=precision)
     else:
         embedder = TorchEmbedder(spec, copy.deepcopy(model), device, precision, batch)
 
@@ -157,7 +165,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     batched_s = timed(batched)
     model_s = timed(model_only)
     flops = flops_per_image(naive_model, spec.preprocessing.crop)
-    peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, device)
+    peak = matmul_peak_flops({"bf16": torch.bfloat16, "int8": torch.int8}.get(precision, torch.float32), device)
     batched_rate = n / batched_s
     return {
         "device": device, "model": model_id, "precision": precision, "runtime": runtime, "batch": batch, "images": n,
@@ -180,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
     parser.add_argument("--batch", type=int, default=0, help="images per network batch (0: the product's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"))

@@ -1,7 +1,7 @@
 """Static int8 quantization of the EfficientNet-Lite0 embedder in ONNX Runtime (CPU): speed and quality.
 
     .venv/bin/python bench/int8_lite0.py [--work /tmp/int8] [--seconds 10] [--slice 1] [--recall all|best|none]
-                                         [--variants NAME,NAME...]
+                                         [--variants NAME,NAME...] [--write-ranges]
 
 Builds the product's fp32 graph (``onnx_graph(Normalized(...))``: uint8 NHWC ``pixels`` in,
 ``features`` out), runs ``quant_pre_process`` on it and quantizes it with ``quantize_static``
@@ -21,6 +21,11 @@ machine:
   ``Preprocessing.pixels``), embedded by the variant's session, L2-normalised and scored by
   ``lookalike.evaluation.retrieval_metrics`` (the code behind ``lookalike eval --mode direct``).
   The fp32 row checks this against the eval command's 0.554.
+
+``--write-ranges`` copies the Percentile calibration (ONNX Runtime's calibration cache) to
+``shared/int8_ranges/efficientnet_lite0-<weights digest>.json``: the ranges the product ships.
+Whenever ranges ship for these weights, the row "product" is the graph ``lookalike.shared.int8``
+builds from them (what ``EMBED_PRECISION=int8`` runs), measured like the others.
 
 Variant notes (what the script found on a 2-core AVX-512 VNNI machine):
 
@@ -126,38 +131,23 @@ class Calibration:
 # --------------------------------------------------------------------------- graphs
 
 
-def fp32_graph(work: Path, spec) -> str:
-    from lookalike.shared.embedders import Normalized, onnx_graph
+def fp32_graph(work: Path, spec) -> tuple[str, str]:
+    """The product's fp32 graph and its weights digest (what the shipped int8 ranges are keyed by)."""
+    from lookalike.shared.embedders import Normalized, onnx_graph, weights_digest
 
     model = spec.build(spec.find_weights(None, allow_download=False))
     net = Normalized(model, spec.preprocessing).eval()
-    return onnx_graph(net, CROP, work / "fp32")
+    return onnx_graph(net, CROP, work / "fp32"), weights_digest(net)
 
 
 def fold_input(path: Path) -> None:
-    """Feed the uint8 pixels straight into the stem's DequantizeLinear (see the module docstring)."""
+    """Feed the uint8 pixels straight into the stem's DequantizeLinear (the product's ``int8.fold_input``)."""
     import onnx
 
+    from lookalike.shared.int8 import RECIPES, fold_input
+
     m = onnx.load(str(path))
-    g = m.graph
-    producer = {o: n for n in g.node for o in n.output}
-    (q,) = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == STEM_INPUT]
-    init = {i.name: i for i in g.initializer}
-    scale = onnx.numpy_helper.to_array(init[q.input[1]])
-    zp = onnx.numpy_helper.to_array(init[q.input[2]])
-    assert zp.dtype == np.uint8 and float(scale) == 1 / 128 and int(zp) == 127, (scale, zp)
-    sub = producer[STEM_INPUT]
-    mul = producer[sub.input[0]]
-    cast = producer[mul.input[0]]
-    assert (sub.op_type, mul.op_type, cast.op_type) == ("Sub", "Mul", "Cast"), (sub.op_type, mul.op_type, cast.op_type)
-    uint8_nchw = cast.input[0]
-    for n in g.node:
-        for i, name in enumerate(n.input):
-            if name == q.output[0]:
-                n.input[i] = uint8_nchw
-    for n in (q, sub, mul, cast):
-        g.node.remove(n)
-    onnx.checker.check_model(m)
+    fold_input(m, RECIPES["efficientnet_lite0"])
     onnx.save(m, str(path))
 
 
@@ -277,6 +267,9 @@ def main() -> int:
     ap.add_argument("--recall", choices=["best", "all", "none"], default="all",
                     help="Recall@1 for fp32 and: the best int8 variant, every variant, or none")
     ap.add_argument("--variants", default="", help="comma-separated subset of variant names (fp32 is always run)")
+    ap.add_argument("--write-ranges", action="store_true",
+                    help="write the Percentile ranges to shared/int8_ranges/ (what the product ships; needs a "
+                         "Percentile variant in --variants)")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -294,7 +287,10 @@ def main() -> int:
     assert abs(spec.preprocessing.mean[0] * 255 - 127) < 1e-6 and abs(spec.preprocessing.std[0] * 255 - 128) < 1e-6
     log(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs")
 
-    src = Path(fp32_graph(work, spec))
+    from lookalike.shared import int8
+
+    src, digest = fp32_graph(work, spec)
+    src = Path(src)
     pre = work / "lite0-pre.onnx"
     if not pre.is_file() or pre.stat().st_mtime < src.stat().st_mtime:
         quant_pre_process(str(src), str(pre))
@@ -354,6 +350,20 @@ def main() -> int:
         secs, warns = quantize(v, pre, out, Calibration(calib_pixels), work, calib_key)
         rows[name] = dict(path=out, disabled=v.get("disabled", []), quant_s=secs, warnings=warns)
         log(f"quantized {name} in {secs:.1f}s ({warns} warnings logged), {out.stat().st_size / 1e6:.2f} MB")
+    if args.write_ranges:
+        import shutil
+
+        calibrated = work / f"calib-{calib_key}-Percentile.json"
+        if not calibrated.is_file():
+            ap.error("--write-ranges needs a Percentile variant in --variants")
+        shutil.copyfile(calibrated, int8.ranges_file(spec.id, digest))
+        log(f"wrote {int8.ranges_file(spec.id, digest)}")
+    if int8.available(spec.id, digest):  # what the product builds and runs (EMBED_PRECISION=int8)
+        pre = spec.preprocessing
+        t0 = time.monotonic()
+        graph = int8.int8_graph(str(src), spec.id, digest, pre.mean, pre.std, work / "product")
+        rows["product"] = dict(path=Path(graph), disabled=int8.DISABLED_OPTIMIZERS, quant_s=time.monotonic() - t0)
+        log(f"the product's int8 graph (shared/int8.py, shipped ranges) built in {rows['product']['quant_s']:.1f}s")
 
     # Sessions (kept for the whole run), cosine to fp32.
     for name, r in rows.items():

@@ -412,7 +412,7 @@ def add_command(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of the labels per fold for cross-validation and the open-set test "
                         "(folds = round(1/holdout)); 0: neither")
-    p.add_argument("--embed-precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--embed-precision", choices=("auto", "fp32", "bf16", "int8"), default="fp32")
     p.add_argument("--detect", default="none", help="as for `lookalike eval`: none = whole images")
     p.add_argument("--seed", type=int, default=0, help="shuffles the labels into folds")
     p.add_argument("--repeats", type=int, default=5, help="shuffles of the labels into folds, pooled")

@@ -1,6 +1,6 @@
 """Retrieval quality: Recall@K and mAP@10 of catalogue-to-photo search.
 
-    lookalike eval --gallery G.csv --queries Q.csv [--model ID] [--precision fp32|bf16]
+    lookalike eval --gallery G.csv --queries Q.csv [--model ID] [--precision auto|fp32|bf16|int8]
                    [--mode direct|pipeline] [--detect WEIGHTS|none] [--json]
 
 CSV files have a header and columns ``path,label``. Every gallery image is indexed as

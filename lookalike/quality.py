@@ -73,7 +73,8 @@ def add_commands(sub) -> dict:
     p.add_argument("--queries", required=True, help="CSV path,label: searched")
     p.add_argument("--model", help="embedder id or fine-tuned model directory (default $EMBED_MODEL)")
     p.add_argument("--mode", choices=("direct", "pipeline"), default="direct")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="fp32",
+                   help="auto: what the embed function picks on this machine (EMBED_PRECISION=auto)")
     p.add_argument("--detect", default="none",
                    help="detector weights (direct: crop the top detection; pipeline: DETECT_WEIGHTS); "
                         "none = whole images")

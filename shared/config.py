@@ -26,9 +26,11 @@ class Settings(BaseSettings):
     # Models.
     embed_model: str = "auto"  # registry id, or auto (resnet50 when its weights load, else efficientnet_lite2_rmac)
     embed_device: str = "auto"  # auto, cpu, cuda
-    embed_precision: str = "auto"  # auto (bf16 where the device runs it natively, else fp32), fp32 or bf16
+    # auto (int8 on a CPU with VNNI where the model's int8 ranges ship, else bf16 where the device runs it
+    # natively, else fp32), fp32, bf16 or int8
+    embed_precision: str = "auto"
     embed_batch_size: int = 0  # crops per network batch; 0: the device's default (8 on the CPU, 256 on CUDA)
-    # auto (ONNX Runtime for fp32 on the CPU, PyTorch on CUDA or for bf16), torch or onnx
+    # auto (ONNX Runtime for fp32 and int8 on the CPU, PyTorch on CUDA or for bf16), torch or onnx
     embed_runtime: str = "auto"
     embed_weights: str | None = None  # local weights file for the chosen model
     allow_download: bool = Field(default=True, validation_alias=AliasChoices("LOOKALIKE_ALLOW_DOWNLOAD",

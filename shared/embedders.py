@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lookalike.shared import int8
 from lookalike.shared.embedding import Embedded, ImageJob
 from lookalike.shared.finetuned import build_finetuned
 from lookalike.shared.images import THUMBNAIL_QUALITY, jpeg_header, open_jpeg, region, thumbnail
@@ -823,35 +824,44 @@ def _resize_batch(batch: torch.Tensor, size: tuple[int, int], interpolation: str
 
 
 class OnnxEmbedder(BatchEmbedder):
-    """The network exported to ONNX and run by ONNX Runtime on the CPU (fp32).
+    """The network exported to ONNX and run by ONNX Runtime on the CPU, in fp32 or int8.
 
     ONNX Runtime folds batch norms and paddings into the convolutions and picks blocked
     layouts for this CPU's vector width: EfficientNet-Lite0 runs about 3x faster than
-    eager PyTorch here (docs/benchmarks.md). The exported graph is cached on disk by the
-    hash of the weights, so a restart does not export again.
+    eager PyTorch here (docs/benchmarks.md). int8 (``lookalike.shared.int8``) runs it about
+    2x faster again on a CPU with VNNI. The exported graphs are cached on disk by the hash
+    of the weights, so a restart does not export again.
     """
 
     runtime = "onnx"
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, batch_size: int = 32,
-                 cache_dir: Path | None = None):
-        super().__init__(spec, "cpu", "fp32", batch_size)
+                 cache_dir: Path | None = None, precision: str = "fp32"):
+        super().__init__(spec, "cpu", precision, batch_size)
         import onnxruntime as ort
 
-        graph = onnx_graph(Normalized(model.eval(), spec.preprocessing).eval(), spec.preprocessing.crop, cache_dir)
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"ONNX Runtime runs fp32 or int8, not {precision}")
+        network = Normalized(model.eval(), spec.preprocessing).eval()
+        graph = onnx_graph(network, spec.preprocessing.crop, cache_dir)
+        if precision == "int8":
+            pre = spec.preprocessing
+            graph = int8.int8_graph(graph, spec.id, weights_digest(network), pre.mean, pre.std, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 0  # one per core
         # Its threads would otherwise spin between batches, taking the cores from the other
         # functions of the process (ingest, detect, the Kafka clients) that share them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=int8.DISABLED_OPTIMIZERS if precision == "int8" else [])
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"pixels": pixels})[0]
 
 
-def _state_digest(model: torch.nn.Module) -> str:
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of the weights (and buffers): what cached graphs and int8 ranges are keyed by."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -870,7 +880,7 @@ def onnx_graph(model: torch.nn.Module, crop: int, cache_dir: Path | None) -> str
     import io
     import warnings
 
-    target = Path(cache_dir) / f"{_state_digest(model)}-{torch.__version__}.onnx" if cache_dir else None
+    target = Path(cache_dir) / f"{weights_digest(model)}-{torch.__version__}.onnx" if cache_dir else None
     if target is not None and target.is_file():
         return str(target)
     buf = io.BytesIO()
@@ -889,14 +899,28 @@ def onnx_graph(model: torch.nn.Module, crop: int, cache_dir: Path | None) -> str
 
 
 def choose_runtime(runtime: str, device: str, precision: str) -> str:
-    """``auto``: ONNX Runtime for fp32 on the CPU, PyTorch otherwise (CUDA, bf16)."""
+    """``auto``: ONNX Runtime for fp32 and int8 on the CPU, PyTorch otherwise (CUDA, bf16)."""
     if runtime not in ("auto", "torch", "onnx"):
         raise ValueError(f"runtime must be auto, torch or onnx, not {runtime!r}")
-    if runtime == "onnx" and (device != "cpu" or precision != "fp32"):
-        raise ValueError(f"the onnx runtime runs fp32 on the CPU only, not {precision} on {device}")
+    onnx_runs = device == "cpu" and precision in ("fp32", "int8")
+    if runtime == "onnx" and not onnx_runs:
+        raise ValueError(f"the onnx runtime runs fp32 or int8 on the CPU only, not {precision} on {device}")
+    if precision == "int8" and device != "cpu":
+        raise ValueError(f"int8 runs on the CPU only, not on {device}")
+    if runtime == "torch" and precision == "int8":
+        raise ValueError("int8 runs on the onnx runtime only (EMBED_RUNTIME=auto or onnx)")
     if runtime == "auto":
-        return "onnx" if device == "cpu" and precision == "fp32" else "torch"
+        return "onnx" if onnx_runs else "torch"
     return runtime
+
+
+def auto_precision(device: str, runtime: str, spec: EmbedderSpec, model: torch.nn.Module) -> str:
+    """``precision="auto"``: int8 on a CPU with VNNI where ranges ship for these weights (about 2x fp32,
+    same Recall@1: docs/benchmarks.md), bf16 where the device runs it natively, else fp32."""
+    if (torch.device(device).type == "cpu" and runtime != "torch" and int8.vnni_supported()
+            and int8.available(spec.id, weights_digest(Normalized(model, spec.preprocessing)))):
+        return "int8"
+    return "bf16" if bf16_supported(device) else "fp32"
 
 
 def default_batch_size(device: str) -> int:
@@ -920,24 +944,26 @@ def load_embedder(
     """Resolve the model, find its weights (see module docstring) and load it.
 
     Everything comes in as arguments (``Settings.embedder_options()`` gives the configured ones).
-    ``precision="auto"`` is bf16 where the device computes it natively, else fp32;
-    ``runtime="auto"`` is ONNX Runtime for fp32 on the CPU, else PyTorch (both chosen by
-    measurement: docs/benchmarks.md). ``cache_dir`` keeps exported ONNX graphs.
+    ``precision="auto"`` is ``auto_precision``'s choice; ``runtime="auto"`` is ONNX Runtime for
+    fp32 and int8 on the CPU, else PyTorch (both chosen by measurement: docs/benchmarks.md).
+    ``cache_dir`` keeps exported ONNX graphs.
     """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or int8, not {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        precision = "bf16" if bf16_supported(device) else "fp32"
     if batch_size < 0:
         raise ValueError("batch_size must be >= 1, or 0 for the device's default")
     batch_size = batch_size or default_batch_size(device)
-    runtime = choose_runtime(runtime, torch.device(device).type, precision)
+    if precision != "auto":
+        choose_runtime(runtime, torch.device(device).type, precision)  # a bad pair fails before the weights load
     spec = REGISTRY[resolve_model_id(model_id, models_dir, weights_path)]
     path = spec.find_weights(weights_path, allow_download)
     model = spec.build(path)
+    if precision == "auto":
+        precision = auto_precision(device, runtime, spec, model)
+    runtime = choose_runtime(runtime, torch.device(device).type, precision)
     log.info("embedder %s loaded from %s on %s/%s (%s)", spec.id, path, device, precision, runtime)
     if runtime == "onnx":
-        return OnnxEmbedder(spec, model, batch_size, cache_dir)
+        return OnnxEmbedder(spec, model, batch_size, cache_dir, precision)
     return TorchEmbedder(spec, model, device, precision, batch_size)

@@ -221,16 +221,6 @@ def test_bad_arguments():
         load_embedder("efficientnet_lite0", precision="fp8")
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypatch, native):
-    # GIVEN a device that does (or does not) run bf16 natively
-    monkeypatch.setattr(embedders, "bf16_supported", lambda device: native)
-    # WHEN the embedder loads with the default precision
-    emb = load_embedder("efficientnet_lite0", device="cpu", precision="auto")
-    # THEN it runs bf16 only there (emulated bf16 is slower than fp32: docs/benchmarks.md)
-    assert emb.precision == ("bf16" if native else "fp32")
-
-
 def test_onnx_and_torch_runtimes_give_the_same_vectors(lite0, tmp_path):
     # GIVEN photos of several shapes and sizes (grey and RGBA included)
     images = [_picture(i, size=200 + 40 * i) for i in range(5)]
@@ -277,8 +267,13 @@ def test_runtime_choice():
     assert embedders.choose_runtime("auto", "cpu", "fp32") == "onnx"
     assert embedders.choose_runtime("auto", "cpu", "bf16") == "torch"
     assert embedders.choose_runtime("auto", "cuda", "bf16") == "torch"
+    assert embedders.choose_runtime("auto", "cpu", "int8") == "onnx"
     with pytest.raises(ValueError, match="CPU only"):
         embedders.choose_runtime("onnx", "cuda", "fp32")
+    with pytest.raises(ValueError, match="CPU only"):
+        embedders.choose_runtime("auto", "cuda", "int8")
+    with pytest.raises(ValueError, match="int8 runs on the onnx runtime only"):
+        embedders.choose_runtime("torch", "cpu", "int8")
     with pytest.raises(ValueError, match="runtime"):
         embedders.choose_runtime("tensorrt", "cpu", "fp32")
 

@@ -42,6 +42,8 @@ def test_the_wheel_installs_one_namespace(installed):
     top = {p.name for p in installed.iterdir() if not p.name.endswith(".dist-info")}
     assert top == {"lookalike"}
     assert (installed / "lookalike" / "gateway" / "static" / "index.html").is_file()
+    # the int8 ranges are data: without them an installed embedder would quietly run fp32
+    assert list((installed / "lookalike" / "shared" / "int8_ranges").glob("efficientnet_lite0-*.json"))
 
 
 def test_the_installed_package_imports_and_runs_outside_the_repo(installed, tmp_path):
