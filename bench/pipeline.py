@@ -27,7 +27,7 @@ from lookalike.stack import Stack
 
 
 def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "efficientnet_lite0",
-        precision: str = "fp32", detect: str = "none", resend: int = 0) -> dict:
+        precision: str = "auto", detect: str = "none", resend: int = 0) -> dict:
     """Index a generated catalogue through the embedded stack, then time sequential photo searches."""
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=photos)
@@ -35,6 +35,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
         settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=model,
                             embed_precision=precision, detect_weights=detect)
         with Stack(settings) as stack:
+            precision = stack.resources.embedder.precision  # what auto picked
             client = Client(stack.bootstrap_servers)
             start = time.monotonic()
             client.publish(CATALOG_EVENTS, events)
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=4, help="catalogue photos per product")
     parser.add_argument("--searches", type=int, default=20)
     parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--precision", default="auto", help="auto: what the product picks on this machine")
     parser.add_argument("--detect", default="none")
     parser.add_argument("--resend", type=int, default=0, help="publish the same catalogue this many more times")
     args = parser.parse_args()
