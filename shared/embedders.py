@@ -916,11 +916,12 @@ def choose_runtime(runtime: str, device: str, precision: str) -> str:
 
 def auto_precision(device: str, runtime: str, spec: EmbedderSpec, model: torch.nn.Module) -> str:
     """``precision="auto"``: int8 on a CPU with VNNI where ranges ship for these weights (about 2x fp32,
-    same Recall@1: docs/benchmarks.md), bf16 where the device runs it natively, else fp32."""
+    same Recall@1: docs/benchmarks.md), bf16 where the device runs it natively (and the runtime can),
+    else fp32."""
     if (torch.device(device).type == "cpu" and runtime != "torch" and int8.vnni_supported()
             and int8.available(spec.id, weights_digest(Normalized(model, spec.preprocessing)))):
         return "int8"
-    return "bf16" if bf16_supported(device) else "fp32"
+    return "bf16" if bf16_supported(device) and runtime != "onnx" else "fp32"
 
 
 def default_batch_size(device: str) -> int:

@@ -111,11 +111,16 @@ def test_auto_precision(monkeypatch, vnni, native_bf16, expected):
     assert emb.precision == expected
 
 
-def test_auto_precision_never_picks_int8_for_the_torch_runtime(monkeypatch):
+def test_auto_precision_picks_what_the_named_runtime_runs(monkeypatch):
+    # GIVEN a CPU with VNNI and native bf16
     monkeypatch.setattr(int8, "vnni_supported", lambda: True)
-    monkeypatch.setattr(embedders, "bf16_supported", lambda device: False)
-    emb = load_embedder("efficientnet_lite0", device="cpu", precision="auto", runtime="torch")
-    assert (emb.runtime, emb.precision) == ("torch", "fp32")
+    monkeypatch.setattr(embedders, "bf16_supported", lambda device: True)
+    # WHEN a runtime is named, THEN auto picks a precision it runs (never a load that fails)
+    torch_emb = load_embedder("efficientnet_lite0", device="cpu", precision="auto", runtime="torch")
+    assert (torch_emb.runtime, torch_emb.precision) == ("torch", "bf16")
+    monkeypatch.setattr(int8, "vnni_supported", lambda: False)
+    onnx_emb = load_embedder("efficientnet_lite0", device="cpu", precision="auto", runtime="onnx")
+    assert (onnx_emb.runtime, onnx_emb.precision) == ("onnx", "fp32")
 
 
 def test_int8_graph_is_built_once_and_cached(tmp_path, monkeypatch):
