@@ -387,7 +387,8 @@ def cmd_calibrate(args, settings) -> None:
 
         model = resolve_model_id("auto", **settings.embedder_options())
     report = calibrate(read_labelled_csv(args.gallery), read_labelled_csv(args.queries), model,
-                       args.embed_precision, args.detect, args.precision, args.holdout, args.seed, args.repeats,
+                       args.embed_precision or settings.embed_precision, args.detect, args.precision, args.holdout,
+                       args.seed, args.repeats,
                        args.select)
     print(format_report(report), flush=True)
     if not args.dry_run:
@@ -412,7 +413,9 @@ def add_command(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of the labels per fold for cross-validation and the open-set test "
                         "(folds = round(1/holdout)); 0: neither")
-    p.add_argument("--embed-precision", choices=("auto", "fp32", "bf16", "int8"), default="fp32")
+    p.add_argument("--embed-precision", choices=("auto", "fp32", "bf16", "int8"),
+                   help="default $EMBED_PRECISION (auto): the vectors the embed function serves, which the "
+                        "thresholds must fit")
     p.add_argument("--detect", default="none", help="as for `lookalike eval`: none = whole images")
     p.add_argument("--seed", type=int, default=0, help="shuffles the labels into folds")
     p.add_argument("--repeats", type=int, default=5, help="shuffles of the labels into folds, pooled")

@@ -306,7 +306,11 @@ def test_cli_calibrate_on_a_generated_catalogue_stores_the_thresholds(tmp_path, 
     main(["--data-dir", str(data_dir), "calibrate", "--gallery", str(gallery), "--queries", str(queries),
           "--model", "efficientnet_lite0", "--precision", "0.9", "--holdout", "0.5", "--repeats", "2", "--json"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("model efficientnet_lite0 (fp32), detect none: 12 queries vs 12 gallery images "
+    # in the precision the embed function serves here (EMBED_PRECISION=auto), which the thresholds must fit
+    from lookalike.shared import embedders, int8
+
+    served = "int8" if int8.vnni_supported() else ("bf16" if embedders.bf16_supported("cpu") else "fp32")
+    assert out[0].startswith(f"model efficientnet_lite0 ({served}), detect none: 12 queries vs 12 gallery images "
                              "(6 products")
     assert out[1].startswith("thresholds: same product = top-1 margin")
     assert any(line.strip().startswith("cross-validated (2 folds x2)") for line in out)
@@ -317,6 +321,7 @@ def test_cli_calibrate_on_a_generated_catalogue_stores_the_thresholds(tmp_path, 
     stored = json.loads(path.read_text())
     assert stored == printed
     assert stored["format"] == CALIBRATION_FORMAT and stored["model"] == "efficientnet_lite0"
+    assert stored["embed_precision"] == served
     assert stored["catalogue"]["products"] == 6 and stored["catalogue"]["images"] == 12
     assert stored["fitted"]["queries"] == 12
     # the query function reads what was written
