@@ -388,8 +388,7 @@ def cmd_calibrate(args, settings) -> None:
         model = resolve_model_id("auto", **settings.embedder_options())
     report = calibrate(read_labelled_csv(args.gallery), read_labelled_csv(args.queries), model,
                        args.embed_precision or settings.embed_precision, args.detect, args.precision, args.holdout,
-                       args.seed, args.repeats,
-                       args.select)
+                       args.seed, args.repeats, args.select)
     print(format_report(report), flush=True)
     if not args.dry_run:
         path = Path(args.out) if args.out else calibration_path(settings.data_dir, report["model"])

@@ -843,10 +843,12 @@ class OnnxEmbedder(BatchEmbedder):
         if precision not in ("fp32", "int8"):
             raise ValueError(f"ONNX Runtime runs fp32 or int8, not {precision}")
         network = Normalized(model.eval(), spec.preprocessing).eval()
-        graph = onnx_graph(network, spec.preprocessing.crop, cache_dir)
+        # Hashed once (about 80 ms for Lite0): it names the cached graphs and finds the int8 ranges.
+        digest = weights_digest(network) if cache_dir is not None or precision == "int8" else None
+        graph = onnx_graph(network, spec.preprocessing.crop, cache_dir, digest)
         if precision == "int8":
             pre = spec.preprocessing
-            graph = int8.int8_graph(graph, spec.id, weights_digest(network), pre.mean, pre.std, cache_dir)
+            graph = int8.int8_graph(graph, spec.id, digest, pre.mean, pre.std, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 0  # one per core
         # Its threads would otherwise spin between batches, taking the cores from the other
@@ -871,16 +873,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def onnx_graph(model: torch.nn.Module, crop: int, cache_dir: Path | None) -> str | bytes:
+def onnx_graph(model: torch.nn.Module, crop: int, cache_dir: Path | None, digest: str | None = None) -> str | bytes:
     """The model as an ONNX graph (uint8 NHWC ``pixels`` in, ``features`` out, any batch size).
 
     Cached as ``<cache_dir>/<weights digest>-<torch version>.onnx`` when ``cache_dir`` is given: written to a
-    temporary name and renamed, so a crash never leaves a half graph under the real name.
+    temporary name and renamed, so a crash never leaves a half graph under the real name. ``digest``:
+    ``weights_digest(model)`` where the caller has it already.
     """
     import io
     import warnings
 
-    target = Path(cache_dir) / f"{weights_digest(model)}-{torch.__version__}.onnx" if cache_dir else None
+    target = Path(cache_dir) / f"{digest or weights_digest(model)}-{torch.__version__}.onnx" if cache_dir else None
     if target is not None and target.is_file():
         return str(target)
     buf = io.BytesIO()
@@ -918,7 +921,9 @@ def auto_precision(device: str, runtime: str, spec: EmbedderSpec, model: torch.n
     """``precision="auto"``: int8 on a CPU with VNNI where ranges ship for these weights (about 2x fp32,
     same Recall@1: docs/benchmarks.md), bf16 where the device runs it natively (and the runtime can),
     else fp32."""
+    # The recipe first: hashing the weights (the ranges' key) costs 80 ms or more, wasted on a model without one.
     if (torch.device(device).type == "cpu" and runtime != "torch" and int8.vnni_supported()
+            and spec.id in int8.RECIPES
             and int8.available(spec.id, weights_digest(Normalized(model, spec.preprocessing)))):
         return "int8"
     return "bf16" if bf16_supported(device) and runtime != "onnx" else "fp32"
