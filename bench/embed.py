@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import time
 
 import numpy as np
@@ -115,6 +116,30 @@ def timed(fn, warmup: int = 1) -> float:
     return time.perf_counter() - t0
 
 
+def product_embedder(model_id: str, model: torch.nn.Module, precision: str, batch: int, device: str,
+                     runtime: str = "auto") -> OnnxEmbedder | TorchEmbedder:
+    """The embedder the embed function would run for this model, precision and device."""
+    spec = REGISTRY[model_id]
+    if choose_runtime(runtime, torch.device(device).type, precision) == "onnx":
+        return OnnxEmbedder(spec, model, batch, precision=precision)
+    return TorchEmbedder(spec, model, device, precision, batch)
+
+
+def whole_image_jobs(jpegs: list[bytes]) -> list[ImageJob]:
+    """The embed function's input without detection: JPEG bytes, each photo's whole-image box."""
+    return [ImageJob(raw, [Box(x1=0, y1=0, x2=im.width, y2=im.height)]) for raw, im in
+            zip(jpegs, (jpeg_header(raw) for raw in jpegs))]
+
+
+def batched_img_per_s(model_id: str, jpegs: list[bytes], precision: str, device: str = "cpu") -> float:
+    """Standalone ``embed_jobs`` from JPEG bytes (decoding in the worker thread while the network
+    runs the batch before), with the product's batch size: the denominator of ``e2e.index_vs_embed``.
+    The median of three runs: on this shared machine single runs of the same work spread by 1.5x."""
+    embedder = product_embedder(model_id, model_for(model_id), precision, default_batch_size(device), device)
+    jobs = whole_image_jobs(jpegs)
+    return len(jobs) / statistics.median(timed(lambda: embedder.embed_jobs(jobs), warmup=int(k == 0)) for k in range(3))
+
+
 def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: str | None = None,
         runtime: str = "auto") -> dict:
     import copy
@@ -125,11 +150,8 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     n = len(jpegs)
     model = model_for(model_id)
     naive_model = copy.deepcopy(model).eval().to(device)  # the same weights, left as they are
-    runtime = choose_runtime(runtime, torch.device(device).type, precision)
-    if runtime == "onnx":
-        embedder = OnnxEmbedder(spec, copy.deepcopy(model), batch, precision=precision)
-    else:
-        embedder = TorchEmbedder(spec, copy.deepcopy(model), device, precision, batch)
+    embedder = product_embedder(model_id, copy.deepcopy(model), precision, batch, device, runtime)
+    runtime = embedder.runtime
 
     # The seed document's way: one image at a time, fp32, contiguous layout, preprocessing inline.
     transform = spec.preprocessing.transform()
@@ -140,10 +162,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
                 x = transform(open_jpeg(raw)).unsqueeze(0).to(device)
                 torch.nn.functional.normalize(naive_model(x), dim=1)
 
-    # The embed function's path: JPEG bytes and each photo's whole-image box in, decoding in the
-    # embedder's worker thread while the network runs the batch before.
-    jobs = [ImageJob(raw, [Box(x1=0, y1=0, x2=im.width, y2=im.height)]) for raw, im in
-            zip(jpegs, (jpeg_header(raw) for raw in jpegs))]
+    jobs = whole_image_jobs(jpegs)
 
     def batched() -> None:
         embedder.embed_jobs(jobs)

@@ -2,33 +2,50 @@
 
     python bench/pipeline.py --products 100 --photos 4 --searches 20 [--resend 2]
 
-Prints one JSON object: time from the first publish until the last event is indexed
-(all stages committed), points stored, and search latency (publish -> result received,
-through ingest, detect, embed and query) as median / p95 / max over sequential searches.
-``--resend N`` then publishes the same catalogue N more times (a nightly full feed with
-nothing new) and adds the time each took to be closed.
+Prints one JSON object: time from the first publish until embed has reported every event
+applied (``Client.index``, what ``lookalike index`` waits for), points stored, and search
+latency (publish -> result received, through ingest, detect, embed and query) as median /
+p95 / max over sequential searches. ``--resend N`` then publishes the same catalogue N more
+times (a nightly full feed with nothing new) and adds the time each took to be closed.
+``--baseline`` then times standalone batched embedding of the same photos with the stack
+stopped, and their ratio (``index_vs_embed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lookalike.client import Client, read_catalog
-from lookalike.sample_catalog import generate
-from lookalike.shared.config import Settings
-from lookalike.shared.logs import setup_logging
-from lookalike.shared.messages import CATALOG_EVENTS
-from lookalike.stack import Stack
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/pipeline.py` finds the bench package
+
+from bench import embed as embed_bench  # noqa: E402
+from lookalike.client import Client, read_catalog  # noqa: E402
+from lookalike.sample_catalog import generate  # noqa: E402
+from lookalike.shared.config import Settings  # noqa: E402
+from lookalike.shared.images import normalize  # noqa: E402
+from lookalike.shared.limits import IMAGE_MAX_SIDE, MAX_IMAGE_PIXELS  # noqa: E402
+from lookalike.shared.logs import setup_logging  # noqa: E402
+from lookalike.stack import Stack  # noqa: E402
+
+
+def catalogue_photos(events: list) -> list[bytes]:
+    """The catalogue's photos as ingest passes them on to embed (normalised JPEG bytes)."""
+    return [normalize(base64.b64decode(ref.data), IMAGE_MAX_SIDE, MAX_IMAGE_PIXELS)[0]
+            for event in events for ref in event.images]
 
 
 def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "efficientnet_lite0",
-        precision: str = "auto", detect: str = "none", resend: int = 0) -> dict:
-    """Index a generated catalogue through the embedded stack, then time sequential photo searches."""
+        precision: str = "auto", detect: str = "none", resend: int = 0, baseline: bool = False) -> dict:
+    """Index a generated catalogue through the embedded stack, then time sequential photo searches.
+
+    ``baseline``: also time standalone batched embedding of the same photos (``standalone_img_per_s``)
+    and divide (``index_vs_embed``)."""
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=photos)
         events = read_catalog(sample.catalog_path)
@@ -37,17 +54,13 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
         with Stack(settings) as stack:
             precision = stack.resources.embedder.precision  # what auto picked
             client = Client(stack.bootstrap_servers)
-            start = time.monotonic()
-            client.publish(CATALOG_EVENTS, events)
-            client.wait_indexed(poll_s=0.05)
-            index_s = time.monotonic() - start
+            # `lookalike index`'s way: publish, then follow embed's reports until every event is applied.
+            report = client.index(events)
+            index_s = report.seconds
+            if report.finished != len(events) or report.failed:
+                raise RuntimeError(f"the catalogue did not index cleanly: {report.summary()}")
             points = stack.resources.store.count(stack.resources.collection)
-            resend_s = []
-            for _ in range(resend):
-                t0 = time.monotonic()
-                client.publish(CATALOG_EVENTS, read_catalog(sample.catalog_path))
-                client.wait_indexed(poll_s=0.05)
-                resend_s.append(round(time.monotonic() - t0, 2))
+            resend_s = [round(client.index(read_catalog(sample.catalog_path)).seconds, 2) for _ in range(resend)]
 
             latencies, correct = [], 0
             for i in range(searches):
@@ -58,6 +71,9 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
                 found = result.objects[-1].products
                 correct += bool(found) and found[0].product_id == product_id
             client.close()
+        # The denominator of e2e.index_vs_embed: the same photos, as ingest leaves them, through
+        # the same model and precision standalone (measured with the stack stopped).
+        standalone = embed_bench.batched_img_per_s(model, catalogue_photos(events), precision) if baseline else None
 
     latencies.sort()
     n_photos = sum(len(e.images) for e in events)
@@ -71,6 +87,8 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
         "search_ms_max": round(latencies[-1], 1),
         "searches": len(latencies), "top1_correct": correct,
         **({"resend_seconds": resend_s} if resend else {}),
+        **({"standalone_img_per_s": round(standalone, 1),
+            "index_vs_embed": round(n_photos / index_s / standalone, 2)} if baseline else {}),
     }
 
 
@@ -83,10 +101,12 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto: what the product picks on this machine")
     parser.add_argument("--detect", default="none")
     parser.add_argument("--resend", type=int, default=0, help="publish the same catalogue this many more times")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time standalone embedding of the same photos, and the ratio (index_vs_embed)")
     args = parser.parse_args()
     setup_logging("WARNING")
     print(json.dumps(run(args.products, args.photos, args.searches, args.model, args.precision, args.detect,
-                         args.resend)))
+                         args.resend, args.baseline)))
 
 
 if __name__ == "__main__":
