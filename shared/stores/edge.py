@@ -128,7 +128,7 @@ class _Open:
     spec: CollectionSpec
     path: Path  # the shard's directory (a generation, or the collection itself for old layouts)
     readers: int = 0  # searches running on this shard; a swap waits for them before closing it
-    journal: list | None = None  # writes since a build copied the shard, replayed onto its result
+    journal: list | None = None  # (write, its new points) since a build copied the shard, replayed onto its result
     unindexed_after_build: int = 0  # what the last build left unindexed (no build loops on it)
     unflushed: int = 0  # points written since the last flush (the WAL has them; see FLUSH_AFTER_POINTS)
 
@@ -378,10 +378,18 @@ class EdgeStore(VectorStore):
             with _engine_errors(f"load {target}"):
                 built = qe.EdgeShard.load(str(target), self._config(opened.spec))
             t_load = time.monotonic() - t_load
-            replayed = 0
+            replayed, unflushed = 0, 0
             while len(opened.journal) - replayed > 0 and not self._stop.is_set():
-                built.update(opened.journal[replayed])
+                operation, points = opened.journal[replayed]
+                built.update(operation)
                 replayed += 1
+                # Flushed as the writer flushes: a build during a long import replays tens of
+                # thousands of points, and one flush of them all held the GIL for over a second.
+                unflushed += points
+                if unflushed >= FLUSH_AFTER_POINTS:
+                    with _engine_errors(f"flush {target}"):
+                        built.flush()
+                    unflushed = 0
             with self._lock:
                 self._check_open()
                 if self._shards.get(name) is not opened:  # dropped meanwhile: nothing to switch to
@@ -390,12 +398,13 @@ class EdgeStore(VectorStore):
                     shutil.rmtree(target, ignore_errors=True)
                     return
                 with _engine_errors(f"replay onto {target}"):
-                    for operation in opened.journal[replayed:]:
+                    for operation, points in opened.journal[replayed:]:
                         built.update(operation)
+                        unflushed += points
                     info = built.info()
                 # 4. Switch: CURRENT names the new generation; a crash from here on opens it.
                 _write_atomically(collection / CURRENT_FILE, target.name)
-                self._shards[name] = _Open(built, opened.spec, target,
+                self._shards[name] = _Open(built, opened.spec, target, unflushed=unflushed,
                                            unindexed_after_build=_points_and_unindexed(info)[1])
             log.info("%s: %s serves searches (built in %.1f s, loaded in %.2f s, %d writes replayed; %d of %d "
                      "points indexed)", name, target.name, time.monotonic() - t0, t_load, len(opened.journal),
@@ -541,7 +550,7 @@ class EdgeStore(VectorStore):
             with _engine_errors(f"write {collection}"):
                 opened.shard.update(operation)
             if opened.journal is not None:  # a build copied the shard before this write
-                opened.journal.append(operation)
+                opened.journal.append((operation, points))
             opened.unflushed += points
             if opened.unflushed >= FLUSH_AFTER_POINTS:
                 with _engine_errors(f"flush {collection}"):
