@@ -19,7 +19,7 @@ import pytest
 import qdrant_edge as qe
 
 from lookalike.shared.errors import StoreUnavailable
-from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord
+from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord, edge
 from lookalike.shared.stores.edge import CURRENT_FILE, SPEC_FILE
 
 DIM = 32
@@ -76,8 +76,12 @@ def test_build_moves_the_collection_to_an_indexed_generation(tmp_path):
         again.close()
 
 
-def test_writes_made_during_a_build_are_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flush_after_points", [edge.FLUSH_AFTER_POINTS, 30],
+                         ids=["one-flush", "flushed-while-replayed"])
+def test_writes_made_during_a_build_are_kept(tmp_path, monkeypatch, flush_after_points):
     # GIVEN a collection, and writes that land while the child builds and before the swap
+    # (30: the replay flushes the built shard between writes, as a long import's replay does)
+    monkeypatch.setattr(edge, "FLUSH_AFTER_POINTS", flush_after_points)
     store = open_store(tmp_path, background_index=False)
     store.upsert(COLL, points(0, 400))
     during, after = points(400, 100), points(500, 100)
