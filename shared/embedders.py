@@ -836,15 +836,17 @@ class OnnxEmbedder(BatchEmbedder):
     runtime = "onnx"
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, batch_size: int = 32,
-                 cache_dir: Path | None = None, precision: str = "fp32"):
+                 cache_dir: Path | None = None, precision: str = "fp32", digest: str | None = None):
         super().__init__(spec, "cpu", precision, batch_size)
         import onnxruntime as ort
 
         if precision not in ("fp32", "int8"):
             raise ValueError(f"ONNX Runtime runs fp32 or int8, not {precision}")
         network = Normalized(model.eval(), spec.preprocessing).eval()
-        # Hashed once (about 80 ms for Lite0): it names the cached graphs and finds the int8 ranges.
-        digest = weights_digest(network) if cache_dir is not None or precision == "int8" else None
+        # Hashed once (about 80 ms for Lite0; ``digest`` where the caller hashed already): it names
+        # the cached graphs and finds the int8 ranges.
+        if digest is None and (cache_dir is not None or precision == "int8"):
+            digest = weights_digest(network)
         graph = onnx_graph(network, spec.preprocessing.crop, cache_dir, digest)
         if precision == "int8":
             pre = spec.preprocessing
@@ -917,16 +919,26 @@ def choose_runtime(runtime: str, device: str, precision: str) -> str:
     return runtime
 
 
-def auto_precision(device: str, runtime: str, spec: EmbedderSpec, model: torch.nn.Module) -> str:
+def auto_precision(device: str, runtime: str, spec: EmbedderSpec, model: torch.nn.Module,
+                   digest: str | None = None) -> str:
     """``precision="auto"``: int8 on a CPU with VNNI where ranges ship for these weights (about 2x fp32,
     same Recall@1: docs/benchmarks.md), bf16 where the device runs it natively (and the runtime can),
-    else fp32."""
-    # The recipe first: hashing the weights (the ranges' key) costs 80 ms or more, wasted on a model without one.
-    if (torch.device(device).type == "cpu" and runtime != "torch" and int8.vnni_supported()
-            and spec.id in int8.RECIPES
-            and int8.available(spec.id, weights_digest(Normalized(model, spec.preprocessing)))):
+    else fp32. ``digest``: ``int8_digest``'s answer where the caller has it already."""
+    if int8_candidate(device, runtime, spec) and int8.available(spec.id, digest or int8_digest(spec, model)):
         return "int8"
     return "bf16" if bf16_supported(device) and runtime != "onnx" else "fp32"
+
+
+def int8_candidate(device: str, runtime: str, spec: EmbedderSpec) -> bool:
+    """Whether int8 could run here for this model, before its weights are hashed: hashing them (the
+    ranges' key) costs 80 ms or more, wasted on a model without a recipe."""
+    return (torch.device(device).type == "cpu" and runtime != "torch" and int8.vnni_supported()
+            and spec.id in int8.RECIPES)
+
+
+def int8_digest(spec: EmbedderSpec, model: torch.nn.Module) -> str:
+    """The digest the int8 ranges and the ONNX embedder's cached graphs are keyed by."""
+    return weights_digest(Normalized(model, spec.preprocessing))
 
 
 def default_batch_size(device: str) -> int:
@@ -966,10 +978,13 @@ def load_embedder(
     spec = REGISTRY[resolve_model_id(model_id, models_dir, weights_path)]
     path = spec.find_weights(weights_path, allow_download)
     model = spec.build(path)
+    digest = None
     if precision == "auto":
-        precision = auto_precision(device, runtime, spec, model)
+        # Hashed here at most once: auto's choice and the ONNX embedder's cache both need it.
+        digest = int8_digest(spec, model) if int8_candidate(device, runtime, spec) else None
+        precision = auto_precision(device, runtime, spec, model, digest)
     runtime = choose_runtime(runtime, torch.device(device).type, precision)
     log.info("embedder %s loaded from %s on %s/%s (%s)", spec.id, path, device, precision, runtime)
     if runtime == "onnx":
-        return OnnxEmbedder(spec, model, batch_size, cache_dir, precision)
+        return OnnxEmbedder(spec, model, batch_size, cache_dir, precision, digest)
     return TorchEmbedder(spec, model, device, precision, batch_size)
