@@ -1,6 +1,7 @@
 """The embed function on one GPU: Kafka record values in, vectors and point payloads out (issue 11).
 
-    python -m bench.gpu_embed [--model resnet50] [--records 4096] [--batch 256] [--compile] [--json]
+    python -m bench.gpu_embed [--model resnet50] [--records 4096] [--batch 256] [--workers 1 2 3]
+                              [--compile] [--json]
 
 Sized to finish in one run of a few minutes on an H100. Every stage runs on the same records
 (photo-like 640x480 JPEGs inside ``images.detected`` JSON, as detect publishes them with
@@ -9,7 +10,10 @@ detection off: one whole-image box per photo, index intent, so each point gets a
 - ``parse``: record values -> ``DetectedImage`` (pydantic, the runner's own parse);
 - ``model``: the network alone on uint8 batches already on the GPU (bf16, channels-last);
 - ``decode``: the embedder's worker alone: nvJPEG decode, crop + resize, thumbnails (GPU);
-- ``jobs``: ``embed_jobs`` from JPEG bytes to normalised vectors (decode overlapped with the model);
+- ``jobs``: ``embed_jobs`` from JPEG bytes to normalised vectors and thumbnails (decode
+  overlapped with the model), with the default decode workers and with each of ``--workers``;
+- ``threads``: the CPU each thread group used in one pass of the function, in cores (1.0: a
+  thread busy all the time), read from /proc: which one bounds it;
 - ``function``: parse + ``Embed.on_batch`` (thumbnails, payloads, points) into a store that
   only counts: the whole embed function but for the broker and the store write;
 - ``seed``: the landed path before this change (PIL decode in the caller, ``embed(images)``);
@@ -27,6 +31,9 @@ import base64
 import copy
 import io
 import json
+import os
+import re
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -105,6 +112,35 @@ def rate(n: int, fn, repeats: int = 3) -> float:
     return n / best
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, by group (Python's thread names without their
+    numbers; threads Python did not start by their kernel name)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    groups: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(tid), f"native:{re.sub(r'[0-9]+$', '', comm)}")
+        group = re.sub(r"_[0-9]+$", "", name)
+        groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return groups
+
+
+def cores_busy(fn) -> dict[str, float]:
+    """Cores each thread group kept busy while ``fn`` ran (its CPU seconds over the wall time)."""
+    before, t0 = thread_cpu(), time.perf_counter()
+    fn()
+    sync()
+    wall, after = time.perf_counter() - t0, thread_cpu()
+    busy = {g: (after[g] - before.get(g, 0.0)) / wall for g in after}
+    return {g: round(v, 2) for g, v in sorted(busy.items(), key=lambda kv: -kv[1]) if v >= 0.02}
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1)
 
@@ -170,6 +206,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4096)
     parser.add_argument("--unique", type=int, default=1024, help="distinct photos among the records")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 3],
+                        help="also time embed_jobs with this many decode workers")
     parser.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
     parser.add_argument("--replicas", type=int, nargs="*", default=[2, 3],
                         help="also time this many embed processes sharing the GPU (CUDA only)")
@@ -192,6 +230,7 @@ def main() -> None:
     spec = REGISTRY[args.model]
     model = model_for(args.model)
     embedder = TorchEmbedder(spec, copy.deepcopy(model), device, "bf16", batch)
+    out["prep_workers"] = embedder.prep_workers
     store = CountingStore()
     embed = Embed(embedder, Indexes.fixed(store, "bench", embedder.spec.id))
     parsed = [[route.parse(v) for v in chunk] for chunk in chunks]
@@ -203,9 +242,14 @@ def main() -> None:
     out["b64decode_img_per_s"] = round(rate(n, lambda: [m.jpeg_bytes() for c in parsed for m in c]), 1)
     out["model_img_per_s"] = round(rate(batch * 16, lambda: [embedder.features(ready) for _ in range(16)]), 1)
     job_chunks = embedder._job_chunks(jobs)
-    out["decode_img_per_s"] = round(rate(n, lambda: [embedder._prepare_jobs(c) for c in job_chunks]), 1)
+    out["decode_img_per_s"] = round(rate(n, lambda: [embedder._prepare_jobs(c).finish_thumbnails()
+                                                     for c in job_chunks]), 1)
     out["jobs_img_per_s"] = round(rate(n, lambda: embedder.embed_jobs(jobs)), 1)
-    # One more pass with clocks on the two threads: does the worker's decoding hide behind the network?
+    for workers in args.workers:
+        other = TorchEmbedder(spec, embedder.model.net, device, "bf16", batch, prep_workers=workers)
+        out[f"jobs_{workers}_workers_img_per_s"] = round(rate(n, lambda other=other: other.embed_jobs(jobs)), 1)
+    out["threads.jobs"] = cores_busy(lambda: embedder.embed_jobs(jobs))
+    # One more pass with clocks on the workers (summed) and the network: does decoding hide behind the network?
     spent = {"worker": 0.0, "network": 0.0}
 
     def clocked(name, fn):
@@ -237,6 +281,7 @@ def main() -> None:
     out["function_poll_batch_img_per_s"] = round(rate(n, function(batch)), 1)
     out["embed.batched_img_per_s"] = round(rate(n, function(4 * batch)), 1)
     assert store.points == n * 8, store.points  # every record became a point, in each of the 8 passes
+    out["threads.function"] = cores_busy(function(4 * batch))
 
     # The embed function scales out as consumer-group members: several processes on one GPU.
     if device == "cuda":
@@ -247,7 +292,7 @@ def main() -> None:
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
     from lookalike.shared.embedders import THUMBNAIL_LANES, _fit, _resized
-    from lookalike.shared.images import jpeg_header
+    from lookalike.shared.images import jpeg_frame, jpeg_header
 
     one = jobs[:batch]
     tensors = [torch.frombuffer(bytearray(j.jpeg), dtype=torch.uint8) for j in one]
@@ -260,7 +305,8 @@ def main() -> None:
 
     out["thumbnail_lanes"] = lanes
     steps = {
-        "headers": lambda: [jpeg_header(j.jpeg) for j in one],
+        "headers_pil": lambda: [jpeg_header(j.jpeg) for j in one],
+        "frame_headers": lambda: [jpeg_frame(j.jpeg) for j in one],
         "to_tensors": lambda: [torch.frombuffer(bytearray(j.jpeg), dtype=torch.uint8) for j in one],
         "nvjpeg_decode": lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device),
         "crop_resize": lambda: _resized(squares, lambda _: (224, 224), spec.preprocessing.interpolation),

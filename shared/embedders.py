@@ -18,8 +18,10 @@ import contextlib
 import logging
 import os
 import socket
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from PIL import Image
 from lookalike.shared import int8
 from lookalike.shared.embedding import Embedded, ImageJob
 from lookalike.shared.finetuned import build_finetuned
-from lookalike.shared.images import THUMBNAIL_QUALITY, jpeg_header, open_jpeg, region, thumbnail
+from lookalike.shared.images import THUMBNAIL_QUALITY, jpeg_frame, open_jpeg, region, thumbnail
 
 log = logging.getLogger("lookalike.embedders")
 
@@ -559,25 +561,39 @@ class Prepared:
     owners: list[int] = field(default_factory=list)  # per row: the job (in its chunk) it belongs to
     thumbnails: list[bytes | None] = field(default_factory=list)  # per job
     errors: dict[int, Exception] = field(default_factory=dict)  # per job that could not be decoded
+    # Thumbnails still being encoded (GPU path): (the jobs, the future of their JPEGs), in order.
+    encoding: list[tuple[list[int], Future]] = field(default_factory=list)
+
+    def finish_thumbnails(self) -> list[bytes | None]:
+        """Every job's thumbnail, waiting for the encoders still at work."""
+        for jobs, future in self.encoding:
+            for j, data in zip(jobs, future.result(), strict=True):
+                self.thumbnails[j] = data.numpy().tobytes()
+        self.encoding.clear()
+        return self.thumbnails
 
 
 class BatchEmbedder:
     """A loaded feature extractor (a ``shared.embedding.Embedder``): images in, L2-normalised rows out.
 
-    One worker thread decodes and preprocesses the next batch into uint8 pixels while the
-    network runs the current one (PIL's decoding and resampling release the GIL), so
-    preprocessing stays off the model's critical path. Subclasses run the network:
+    Worker threads (``prep_workers``, one by default) decode and preprocess the next batches
+    into uint8 pixels while the network runs the current one (PIL's decoding and resampling,
+    nvJPEG and libjpeg-turbo release the GIL), so preprocessing stays off the model's critical
+    path. Subclasses run the network:
     ``TorchEmbedder`` (CUDA, or a CPU with native bf16) and ``OnnxEmbedder`` (CPU).
     """
 
     runtime = ""
 
-    def __init__(self, spec: EmbedderSpec, device: str, precision: str, batch_size: int):
+    def __init__(self, spec: EmbedderSpec, device: str, precision: str, batch_size: int, prep_workers: int = 1):
+        if prep_workers < 1:
+            raise ValueError("prep_workers must be >= 1")
         self.spec = spec
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
-        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-prep-{spec.id}")
+        self.prep_workers = prep_workers
+        self._prep = ThreadPoolExecutor(max_workers=prep_workers, thread_name_prefix=f"embed-prep-{spec.id}")
 
     @property
     def dim(self) -> int:
@@ -598,9 +614,10 @@ class BatchEmbedder:
         results: list[Embedded | Exception] = []
         for chunk, (prepared, unit) in zip(chunks, self._pipelined(chunks, self._prepare_jobs)):
             owners = np.asarray(prepared.owners, dtype=np.int64)
+            thumbnails = prepared.finish_thumbnails()
             for j in range(len(chunk)):
                 error = prepared.errors.get(j)
-                results.append(error if error is not None else Embedded(unit[owners == j], prepared.thumbnails[j]))
+                results.append(error if error is not None else Embedded(unit[owners == j], thumbnails[j]))
         return results
 
     def _job_chunks(self, jobs: Sequence[ImageJob]) -> list[list[ImageJob]]:
@@ -616,11 +633,12 @@ class BatchEmbedder:
         return chunks
 
     def _pipelined(self, chunks: list, prepare: Callable[[Any], Prepared]) -> Iterator[tuple[Prepared, np.ndarray]]:
-        """Each chunk prepared (in the worker, one ahead) and run: (prepared, its L2-normalised rows)."""
-        ahead = self._prep.submit(prepare, chunks[0]) if chunks else None
+        """Each chunk prepared (by the workers, ``prep_workers`` ahead) and run: (prepared, its L2-normalised rows)."""
+        ahead = deque(self._prep.submit(prepare, chunk) for chunk in chunks[: self.prep_workers])
         for k in range(len(chunks)):
-            prepared = ahead.result()
-            ahead = self._prep.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            prepared = ahead.popleft().result()
+            if k + self.prep_workers < len(chunks):
+                ahead.append(self._prep.submit(prepare, chunks[k + self.prep_workers]))
             if len(prepared.pixels) == 0:
                 yield prepared, np.zeros((0, self.spec.dim), dtype=np.float32)
                 continue
@@ -660,23 +678,25 @@ class TorchEmbedder(BatchEmbedder):
     """The network in PyTorch: channels-last under ``inference_mode``, bf16 autocast when asked.
 
     On CUDA stored JPEGs are decoded on the GPU (nvJPEG through torchvision) and cropped,
-    resized and thumbnailed there, on a stream of their own while the network runs the
-    batch before; PIL images (``embed``) travel as pinned uint8, copied non-blocking.
-    ``decode="device"`` takes the tensor path on the CPU too (tests run it there).
+    resized and thumbnailed there, each worker on a stream of its own, while the network runs
+    the batch before; thumbnails are JPEG-encoded by libjpeg-turbo in ``THUMBNAIL_LANES``
+    threads while the workers go on. PIL images (``embed``) travel as pinned uint8, copied
+    non-blocking. ``decode="device"`` takes the tensor path on the CPU too (tests run it there).
     """
 
     runtime = "torch"
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str,
-                 batch_size: int = 32, decode: str = "auto"):
-        super().__init__(spec, device, precision, batch_size)
+                 batch_size: int = 32, decode: str = "auto", prep_workers: int = 0):
+        on_cuda = torch.device(device).type == "cuda"
+        super().__init__(spec, device, precision, batch_size, prep_workers or default_prep_workers(device))
         if decode not in ("auto", "pil", "device"):
             raise ValueError(f"decode must be auto, pil or device, not {decode!r}")
         network = Normalized(model.eval(), spec.preprocessing).eval().to(device)
         self.model = network.to(memory_format=torch.channels_last)
-        on_cuda = torch.device(device).type == "cuda"
         self.decode = ("device" if on_cuda else "pil") if decode == "auto" else decode
-        self._stream = torch.cuda.Stream(device) if on_cuda else None
+        self._on_cuda = on_cuda
+        self._streams = threading.local()  # each worker thread's decode stream
         self._thumbnail_pool = ThreadPoolExecutor(max_workers=THUMBNAIL_LANES, thread_name_prefix="embed-thumbnails")
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
@@ -684,7 +704,7 @@ class TorchEmbedder(BatchEmbedder):
     def features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
         rows = len(x)
-        if self._stream is not None:
+        if self._on_cuda:
             if x.device.type == "cpu":
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
@@ -700,12 +720,20 @@ class TorchEmbedder(BatchEmbedder):
     def _prepare_jobs(self, jobs: Sequence[ImageJob]) -> Prepared:
         if self.decode == "pil":
             return super()._prepare_jobs(jobs)
-        with torch.inference_mode(), (torch.cuda.stream(self._stream) if self._stream is not None
-                                      else contextlib.nullcontext()):
+        stream = self._worker_stream()
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             prepared = self._prepare_on_device(jobs)
-        if self._stream is not None:
-            self._stream.synchronize()  # only this worker waits; the network's stream runs on
+        if stream is not None:
+            stream.synchronize()  # only this worker waits; the network's stream runs on
         return prepared
+
+    def _worker_stream(self) -> torch.cuda.Stream | None:
+        """The calling worker's own CUDA stream (None off CUDA): workers decode side by side."""
+        if not self._on_cuda:
+            return None
+        if getattr(self._streams, "stream", None) is None:
+            self._streams.stream = torch.cuda.Stream(self.device)
+        return self._streams.stream
 
     def _prepare_on_device(self, jobs: Sequence[ImageJob]) -> Prepared:
         from torchvision.io import encode_jpeg
@@ -731,21 +759,20 @@ class TorchEmbedder(BatchEmbedder):
             small = _resized([images[j] for j in wanted], lambda k: _fit(images[wanted[k]].shape[1:], side[wanted[k]]),
                              "bilinear")
             # Resized on the device, copied to the host at once, encoded by libjpeg-turbo in a few
-            # threads: nvJPEG's encoder, one image at a time, took 60% of this worker's time.
+            # threads: nvJPEG's encoder, one image at a time, took 60% of this worker's time. The
+            # worker does not wait for them: embed_jobs collects them after the network ran.
             host = list(small.cpu()) if isinstance(small, torch.Tensor) else [t.cpu() for t in small]
             lanes = min(THUMBNAIL_LANES, len(host))
-            parts = self._thumbnail_pool.map(lambda k: encode_jpeg(host[k::lanes], quality=THUMBNAIL_QUALITY),
-                                             range(lanes))
-            for k, part in enumerate(parts):
-                for m, data in enumerate(part):
-                    prepared.thumbnails[wanted[k + m * lanes]] = data.numpy().tobytes()
+            for k in range(lanes):
+                prepared.encoding.append((wanted[k::lanes], self._thumbnail_pool.submit(
+                    encode_jpeg, host[k::lanes], quality=THUMBNAIL_QUALITY)))
         return prepared
 
     def _decode_on_device(self, jobs: Sequence[ImageJob], errors: dict[int, Exception]) -> dict[int, torch.Tensor]:
         """(3, H, W) uint8 RGB per decodable job, on the device; the others' exceptions into ``errors``.
 
-        PIL reads each header first (about 40 µs on the H100's host), so the size limits hold
-        before nvJPEG allocates anything. One bad JPEG fails a batched decode: then each is decoded alone,
+        Each frame header is read first (``jpeg_frame``), so the size limits hold before nvJPEG
+        allocates anything. One bad JPEG fails a batched decode: then each is decoded alone,
         and what nvJPEG refuses (CMYK, say) gets PIL's decode before it counts as bad.
         """
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -753,9 +780,7 @@ class TorchEmbedder(BatchEmbedder):
         encoded: dict[int, torch.Tensor] = {}
         for j, job in enumerate(jobs):
             try:
-                header = jpeg_header(job.jpeg)
-                if header.format != "JPEG":
-                    raise ValueError(f"a stored image must be a JPEG, not {header.format}")
+                jpeg_frame(job.jpeg)
                 if not job.jpeg.endswith(b"\xff\xd9"):  # nvJPEG decodes a cut-off JPEG without a word
                     raise ValueError("the JPEG is truncated (no end-of-image marker)")
                 encoded[j] = torch.frombuffer(bytearray(job.jpeg), dtype=torch.uint8)
@@ -939,6 +964,12 @@ def int8_candidate(device: str, runtime: str, spec: EmbedderSpec) -> bool:
 def int8_digest(spec: EmbedderSpec, model: torch.nn.Module) -> str:
     """The digest the int8 ranges and the ONNX embedder's cached graphs are keyed by."""
     return weights_digest(Normalized(model, spec.preprocessing))
+
+
+def default_prep_workers(device: str) -> int:
+    """Decode workers when none is set: two on a GPU (5 % more than one on an H100, whose
+    nvJPEG calls take one lock: docs/benchmarks.md); one on the CPU, whose cores the network needs."""
+    return 2 if torch.device(device).type == "cuda" else 1
 
 
 def default_batch_size(device: str) -> int:

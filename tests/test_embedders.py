@@ -294,8 +294,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1)
 
 
-@pytest.mark.parametrize("decode", ["pil", "device"])
-def test_jobs_embed_the_boxes_of_stored_jpegs_like_cropped_images(decode, tmp_path):
+@pytest.mark.parametrize("decode, workers", [("pil", 1), ("device", 1), ("device", 3)])
+def test_jobs_embed_the_boxes_of_stored_jpegs_like_cropped_images(decode, workers, tmp_path):
     from lookalike.shared.embedders import TorchEmbedder
     from lookalike.shared.embedding import ImageJob
     from lookalike.shared.images import crop
@@ -303,9 +303,10 @@ def test_jobs_embed_the_boxes_of_stored_jpegs_like_cropped_images(decode, tmp_pa
 
     spec = REGISTRY["efficientnet_lite0"]
     model = spec.build(spec.find_weights(None, allow_download=False))
-    # GIVEN an embedder whose batches hold 3 crops (so the 4 jobs below span chunks) that decodes
-    # with PIL or on the torch device (the GPU path, here on the CPU)
-    emb = TorchEmbedder(spec, model, "cpu", "fp32", batch_size=3, decode=decode)
+    # GIVEN an embedder whose batches hold 3 crops (so the 4 jobs below span 3 chunks) that decodes
+    # with PIL or on the torch device (the GPU path, here on the CPU), in one worker or in three
+    # that prepare every chunk at once
+    emb = TorchEmbedder(spec, model, "cpu", "fp32", batch_size=3, decode=decode, prep_workers=workers)
     photos = [_stored(seed) for seed in range(3)]
     boxes = [[Box(x1=40, y1=30, x2=400, y2=300), Box(x1=0, y1=0, x2=640, y2=480)],
              [Box(x1=-20, y1=100, x2=700, y2=479.6)],  # past the edges: clamped like crop()

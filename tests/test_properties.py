@@ -188,3 +188,54 @@ def test_normalising_any_bytes_gives_a_jpeg_or_poison(raw):
         normalize(raw, limits.IMAGE_MAX_SIDE, limits.MAX_IMAGE_PIXELS)
     except PoisonMessage:
         pass
+
+
+@st.composite
+def jpegs(draw) -> bytes:
+    """JPEGs as cameras and editors write them: any size, grey, colour or CMYK, baseline or
+    progressive, with or without EXIF, restart markers, and their header segments."""
+    width, height = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    mode = draw(st.sampled_from(["L", "RGB", "CMYK"]))
+    options = {"quality": draw(st.integers(30, 95)), "progressive": draw(st.booleans())}
+    if draw(st.booleans()):
+        options["restart_marker_rows"] = draw(st.integers(1, 4))
+    if mode == "RGB" and draw(st.booleans()):
+        exif = Image.Exif()
+        exif[0x0112] = draw(st.integers(1, 8))  # orientation
+        exif[0x010E] = draw(st.text(max_size=200))  # a description: a longer APP1 segment
+        options["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), draw(st.integers(0, 255))).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+@FAST
+@given(data=jpegs())
+def test_the_gpu_paths_frame_reader_agrees_with_pil(data):
+    # The GPU path checks each JPEG's size with jpeg_frame before nvJPEG allocates: it must read
+    # what PIL reads, or the decode limit would not hold there.
+    from lookalike.shared.images import jpeg_frame, jpeg_header
+
+    header = jpeg_header(data)
+    assert jpeg_frame(data) == (*header.size, len(header.getbands()))
+
+
+@FAST
+@given(data=jpegs(), cut=st.integers(0, 400), junk=st.binary(max_size=40))
+def test_a_cut_or_garbled_jpeg_gives_a_bounded_frame_or_a_clear_error(data, cut, junk):
+    # A header cut short or overwritten never raises anything but ValueError (the job's error,
+    # dead-lettered with its reason), and what it does read stays within the decode limit;
+    # cut after its frame header, a JPEG still reads its own frame (nvJPEG then refuses the rest).
+    from lookalike.shared.images import jpeg_frame
+
+    whole = jpeg_frame(data)
+    for raw, intact in ((data[:cut], True), (data[:cut] + junk + data[cut + len(junk):], not junk)):
+        try:
+            frame = jpeg_frame(raw)
+        except ValueError:
+            continue
+        width, height, components = frame
+        assert width >= 1 and height >= 1 and components in (1, 3, 4)
+        assert width * height * 4 <= limits.MAX_DECODE_BYTES
+        if intact:
+            assert frame == whole
