@@ -34,9 +34,9 @@ With its memory storage (tansu-storage/src/dynostore.rs, ``list_offsets``) Tansu
 ListOffsets(latest) with the first offset of the newest record *batch* + 1, not the offset after
 its last record: a batch of 10 records at offsets 0-9 gives an end offset of 1. Fetch reports
 the right high watermark (10), so consumers read everything; only end offsets are wrong. What
-uses them: ``KafkaConsumer.end_offsets`` and ``seek_to_end``, hence ``shared/bus.py``'s
-``end_offsets``, ``OffsetReader.lag``/``sizes`` (lag reads 0 while a batch is half done, so
-``Client.wait_indexed`` can return early), and ``tail_consumer`` (starts inside the last batch).
+uses them: ``KafkaConsumer.end_offsets`` and ``seek_to_end``. Worked around in ``shared/bus.py``'s
+``end_offsets`` (the fetch's high watermark), which ``OffsetReader.lag``/``sizes``,
+``Client.wait_indexed`` and ``tail_consumer`` use; this script shows the broker's own answers.
 """
 
 from __future__ import annotations

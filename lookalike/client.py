@@ -190,7 +190,8 @@ class Client:
         # A memory-only broker that restarted has lost its topics: recreate them before watching.
         ensure_topics(self.bootstrap_servers, self.topic_partitions, replication_factor=self.replication_factor)
         # Opened before publishing: every report we need comes after its position.
-        watcher = tail_consumer(self.bootstrap_servers, [CATALOG_INDEXED, dlq_topic(CATALOG_EVENTS)], "lookalike-cli")
+        watched = [CATALOG_INDEXED, dlq_topic(CATALOG_EVENTS)]
+        watcher = tail_consumer(self.bootstrap_servers, watched, "lookalike-cli")
         try:
             send = self.producer.send
             futures = [(e, send(CATALOG_EVENTS, key=e.key().encode(), value=e.to_bytes(),
@@ -218,7 +219,7 @@ class Client:
                 if not last_reports:
                     if self.index_lag():
                         return False
-                    last_reports.update(watcher.end_offsets(list(watcher.assignment())))
+                    last_reports.update(self.offsets.end_offsets(watched))
                 return all(watcher.position(tp) >= end for tp, end in last_reports.items())
 
             while not settled():
@@ -350,7 +351,7 @@ class Client:
         try:
             tps = topic_partitions(consumer, source)
             consumer.assign(tps)
-            ends = consumer.end_offsets(tps)
+            ends = self.offsets.end_offsets([source])
             deadline = time.monotonic() + timeout_s
             futures, last = [], {}
             while any(consumer.position(tp) < ends[tp] for tp in tps) and (limit is None or len(replayed) < limit):

@@ -204,9 +204,11 @@ def make_producer(bootstrap_servers: str, client_id: str = "lookalike") -> Kafka
         client_id=client_id,
         acks="all",
         linger_ms=2,
-        # kafka-python's default batch_size (16 KB) stays: it holds less than one image message,
-        # so images go one per record batch. Bigger batches cost less CPU, but Tansu 0.6 then
-        # answers end offsets short of the end (docs/benchmarks.md, "Producer batches").
+        # Room for many images in one record batch: kafka-python's default (16 KB) holds less than
+        # one image message, so each went alone, a request and a stored batch per image (the
+        # producers' threads used 0.43-0.54 s of CPU per 400 photos, under 0.1 s with these).
+        # end_offsets reads past Tansu's short ListOffsets answer for batches of several records.
+        batch_size=MAX_MESSAGE_BYTES // 2,
         retries=5,
         max_request_size=MAX_MESSAGE_BYTES,
         **kafka_options(),
@@ -287,17 +289,39 @@ def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> 
     answer to a request sent next) is read, and nothing from before."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
                              fetch_max_wait_ms=50, client_id=client_id, **kafka_options())
-    tps = [tp for topic in topics for tp in topic_partitions(consumer, topic)]
-    consumer.assign(tps)
-    consumer.seek_to_end(*tps)
-    for tp in tps:
-        consumer.position(tp)  # seek_to_end is lazy: resolve "end" now
+    # Not seek_to_end: on Tansu its end can lie inside the last record batch (see end_offsets).
+    for tp, end in end_offsets(consumer, topics).items():
+        consumer.seek(tp, end)
     return consumer
 
 
-def end_offsets(consumer: KafkaConsumer, topics: list[str]) -> dict[TopicPartition, int]:
+def end_offsets(consumer: KafkaConsumer, topics: list[str], timeout_s: float = 2.0) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition of ``topics``.
+
+    ListOffsets alone is not enough: Tansu 0.6 answers it with the first offset of the newest
+    record batch + 1 (``python -m bench.tansu_group_repro end-offsets``), so once several
+    records share a batch (small messages produced within the producer's linger) lag reads
+    0 with records unread, and ``Client.wait_indexed`` or a DLQ replay stops short. So each
+    non-empty partition is also fetched from the record before that answer: the fetch's high
+    watermark is the end (on Kafka the two agree). ``consumer`` must be group-less: it is left
+    assigned to the partitions. At most ``timeout_s``; a partition whose fetch does not come
+    back in time keeps the ListOffsets answer.
+    """
     tps = [tp for t in topics for tp in topic_partitions(consumer, t)]
-    return consumer.end_offsets(tps) if tps else {}
+    if not tps:
+        return {}
+    ends = consumer.end_offsets(tps)
+    consumer.assign([])  # forget the high watermarks of earlier calls: those read below are fresh
+    consumer.assign(tps)
+    checked = [tp for tp in tps if ends[tp] > 0]
+    for tp in checked:
+        consumer.seek(tp, ends[tp] - 1)  # a record is there, so the fetch answers at once
+    deadline = time.monotonic() + timeout_s
+    while any(consumer.highwater(tp) is None for tp in checked) and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=50)
+    for tp in checked:
+        ends[tp] = max(ends[tp], consumer.highwater(tp) or 0)
+    return ends
 
 
 class OffsetReader:
@@ -321,18 +345,20 @@ class OffsetReader:
     def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:
         return end_offsets(self._consumer(None), topics)
 
-    def lag(self, group_id: str, topics: list[str]) -> dict[str, int]:
-        """Messages not yet committed by ``group_id``, per topic."""
+    def lag(self, group_id: str, topics: list[str], ends: dict[TopicPartition, int] | None = None) -> dict[str, int]:
+        """Messages not yet committed by ``group_id``, per topic (``ends``: end offsets already read)."""
         consumer = self._consumer(group_id)
         lag: dict[str, int] = {}
-        for tp, end in self.end_offsets(topics).items():
-            committed = consumer.committed(tp) or 0
-            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - committed)
+        for tp, end in (self.end_offsets(topics) if ends is None else ends).items():
+            if tp.topic in topics:
+                committed = consumer.committed(tp) or 0
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - committed)
         return lag
 
     def group_lags(self, groups: dict[str, tuple[str, ...]]) -> dict[str, int]:
-        """Messages not yet committed, per consumer group (``{group: its topics}``)."""
-        return {group: sum(self.lag(group, list(topics)).values()) for group, topics in groups.items()}
+        """Messages not yet committed, per consumer group (``{group: its topics}``); end offsets read once."""
+        ends = self.end_offsets(sorted({t for topics in groups.values() for t in topics}))
+        return {group: sum(self.lag(group, list(topics), ends).values()) for group, topics in groups.items()}
 
     def latest_timestamp(self, topic: str, timeout_s: float = 2.0) -> float | None:
         """When the newest record of ``topic`` was produced (Unix seconds); None for an empty topic.
