@@ -163,7 +163,7 @@ class _Retry:
 class Runner:
     """Runs one lane of a function against Kafka until ``stop()``; see the module docstring."""
 
-    def __init__(self, function: Function, bootstrap_servers: str, *, lane: str = "", poll_max_records: int = 32,
+    def __init__(self, function: Function, bootstrap_servers: str, *, lane: str = "", poll_max_records: int = 128,
                  poll_timeout_ms: int = 200, batch_max_wait_ms: int = 0, session_timeout_ms: int = 10000,
                  max_attempts: int = 3, backoff_max_s: float = 30.0, consumer_factory: Callable | None = None,
                  producer_factory: Callable | None = None, leave_group_on_close: bool = True):
