@@ -302,10 +302,11 @@ def end_offsets(consumer: KafkaConsumer, topics: list[str], timeout_s: float = 2
     record batch + 1 (``python -m bench.tansu_group_repro end-offsets``), so once several
     records share a batch (small messages produced within the producer's linger) lag reads
     0 with records unread, and ``Client.wait_indexed`` or a DLQ replay stops short. So each
-    non-empty partition is also fetched from the record before that answer: the fetch's high
-    watermark is the end (on Kafka the two agree). ``consumer`` must be group-less: it is left
-    assigned to the partitions. At most ``timeout_s``; a partition whose fetch does not come
-    back in time keeps the ListOffsets answer.
+    non-empty partition is also fetched from that answer: the fetch's high watermark is the end
+    (on Kafka the two agree, and the fetch brings no records; on Tansu, when short, the rest of
+    the last batch). ``consumer`` must be group-less, and answers an empty fetch after its
+    ``fetch_max_wait_ms``: it is left assigned to the partitions. At most ``timeout_s``; a
+    partition whose fetch does not come back in time keeps the ListOffsets answer.
     """
     tps = [tp for t in topics for tp in topic_partitions(consumer, t)]
     if not tps:
@@ -315,7 +316,7 @@ def end_offsets(consumer: KafkaConsumer, topics: list[str], timeout_s: float = 2
     consumer.assign(tps)
     checked = [tp for tp in tps if ends[tp] > 0]
     for tp in checked:
-        consumer.seek(tp, ends[tp] - 1)  # a record is there, so the fetch answers at once
+        consumer.seek(tp, ends[tp])
     deadline = time.monotonic() + timeout_s
     while any(consumer.highwater(tp) is None for tp in checked) and time.monotonic() < deadline:
         consumer.poll(timeout_ms=50)
@@ -339,7 +340,9 @@ class OffsetReader:
         if group_id not in self._consumers:
             self._consumers[group_id] = KafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers, group_id=group_id, enable_auto_commit=False,
-                client_id="lookalike-offsets", **kafka_options())
+                # end_offsets fetches at the end: an empty answer after 10 ms, not 500 (at 0 the
+                # embedded broker's answers left the high watermarks unread for 2 s)
+                fetch_max_wait_ms=10, client_id="lookalike-offsets", **kafka_options())
         return self._consumers[group_id]
 
     def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:
