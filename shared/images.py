@@ -92,11 +92,12 @@ def decode_bytes(mode: str, size: tuple[int, int]) -> int:
     return size[0] * size[1] * per_pixel
 
 
-def _check_decode_bytes(img: Image.Image, source_size: tuple[int, int]) -> None:
-    need = decode_bytes(img.mode, img.size)
+def _check_decode_bytes(mode: str, size: tuple[int, int], source_size: tuple[int, int]) -> None:
+    """``ImageTooLarge`` when decoding ``size`` pixels of ``mode`` (a ``source_size`` image) passes MAX_DECODE_BYTES."""
+    need = decode_bytes(mode, size)
     if need > MAX_DECODE_BYTES:
         w, h = source_size
-        raise ImageTooLarge(f"a {w}x{h} {img.mode} image takes {need >> 20} MiB to decode, more than "
+        raise ImageTooLarge(f"a {w}x{h} {mode} image takes {need >> 20} MiB to decode, more than "
                             f"{MAX_DECODE_BYTES >> 20} MiB")
 
 
@@ -124,7 +125,7 @@ def decode(raw: bytes, max_side: int, max_pixels: int) -> Decoded:
         if width * height > max_pixels:
             raise ImageTooLarge(f"image has {width}x{height} pixels, more than {max_pixels}")
         img.draft("RGB", _fit(img.size, max_side))  # only JPEG implements it; changes img.size
-        _check_decode_bytes(img, (width, height))
+        _check_decode_bytes(img.mode, img.size, (width, height))
         with _decode_slots:
             img.load()
             method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
@@ -195,7 +196,7 @@ def jpeg_header(data: bytes) -> Image.Image:
     Decoders that do not go through PIL (nvJPEG on a GPU) check their input with it first.
     """
     img = Image.open(io.BytesIO(data))
-    _check_decode_bytes(img, img.size)
+    _check_decode_bytes(img.mode, img.size, img.size)
     return img
 
 
@@ -211,7 +212,8 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int]:
 
     Walks the marker segments up to the start of frame, a few microseconds where PIL's
     ``Image.open`` took about 40 (most of the GPU decode worker's time, which holds the GIL).
-    Raises ``ValueError`` on what is not a JPEG or has no readable frame header.
+    Raises ``ValueError`` on what is not a JPEG or has no readable frame header, ``ImageTooLarge``
+    on a frame past the limit.
     """
     if data[:3] != b"\xff\xd8\xff":
         try:  # only to name what it is instead
@@ -239,10 +241,7 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int]:
             components = data[at + 9]
             if not width or not height or components not in _COMPONENT_MODES:
                 raise ValueError(f"the JPEG's frame is unsupported ({width}x{height}, {components} components)")
-            need = decode_bytes(_COMPONENT_MODES[components], (width, height))
-            if need > MAX_DECODE_BYTES:
-                raise ImageTooLarge(f"a {width}x{height} {_COMPONENT_MODES[components]} image takes {need >> 20} MiB "
-                                    f"to decode, more than {MAX_DECODE_BYTES >> 20} MiB")
+            _check_decode_bytes(_COMPONENT_MODES[components], (width, height), (width, height))
             return width, height, components
         if marker == 0xDA or marker == 0xD9 or length < 2:  # scan data or the end before any frame
             break

@@ -223,16 +223,17 @@ def test_the_gpu_paths_frame_reader_agrees_with_pil(data):
 @FAST
 @given(data=jpegs(), cut=st.integers(0, 400), junk=st.binary(max_size=40))
 def test_a_cut_or_garbled_jpeg_gives_a_bounded_frame_or_a_clear_error(data, cut, junk):
-    # A header cut short or overwritten never raises anything but ValueError (the job's error,
-    # dead-lettered with its reason), and what it does read stays within the decode limit;
-    # cut after its frame header, a JPEG still reads its own frame (nvJPEG then refuses the rest).
-    from lookalike.shared.images import jpeg_frame
+    # A header cut short or overwritten raises nothing but ValueError or, for a frame past the
+    # decode limit, ImageTooLarge (the job's error, dead-lettered with its reason); what it does
+    # read stays within the decode limit; cut after its frame header, a JPEG still reads its own
+    # frame (nvJPEG then refuses the rest).
+    from lookalike.shared.images import ImageTooLarge, jpeg_frame
 
     whole = jpeg_frame(data)
     for raw, intact in ((data[:cut], True), (data[:cut] + junk + data[cut + len(junk):], not junk)):
         try:
             frame = jpeg_frame(raw)
-        except ValueError:
+        except (ValueError, ImageTooLarge):
             continue
         width, height, components = frame
         assert width >= 1 and height >= 1 and components in (1, 3, 4)
