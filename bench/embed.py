@@ -104,7 +104,7 @@ def flops_per_image(model: torch.nn.Module, crop: int) -> float:
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        model(torch.randn(1, 3, crop, crop))
+        model(torch.randn(1, 3, crop, crop, device=next(model.parameters()).device))
     return float(counter.get_total_flops())
 
 
@@ -192,7 +192,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
         "embed.naive_img_per_s": round(n / naive_s, 1),
         "embed.batched_img_per_s": round(batched_rate, 1),
         "embed.speedup": round(naive_s / batched_s, 2),
-        "embed.model_img_per_s": round(max(1, n // batch) * batch / model_s, 1),
+        "embed.model_img_per_s": round(max(1, n // batch) * len(ready) / model_s, 1),
         "embed.gflop_per_image": round(flops / 1e9, 2),
         "embed.matmul_peak_gflops": round(peak / 1e9, 1),
         "embed.peak_fraction": round(batched_rate * flops / peak, 3),

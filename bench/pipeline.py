@@ -53,6 +53,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
                             embed_precision=precision, detect_weights=detect)
         with Stack(settings) as stack:
             precision = stack.resources.embedder.precision  # what auto picked
+            device = stack.resources.embedder.device  # the baseline runs where embed ran
             client = Client(stack.bootstrap_servers)
             # `lookalike index`'s way: publish, then follow embed's reports until every event is applied.
             report = client.index(events)
@@ -73,7 +74,8 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
             client.close()
         # The denominator of e2e.index_vs_embed: the same photos, as ingest leaves them, through
         # the same model and precision standalone (measured with the stack stopped).
-        standalone = embed_bench.batched_img_per_s(model, catalogue_photos(events), precision) if baseline else None
+        standalone = (embed_bench.batched_img_per_s(model, catalogue_photos(events), precision, device)
+                      if baseline else None)
 
     latencies.sort()
     n_photos = sum(len(e.images) for e in events)
