@@ -57,9 +57,7 @@ def search_at_scale(points: int, dim: int = 1280, queries: int = 200) -> dict:
     from lookalike.shared.stores import CollectionSpec, EdgeStore, PointRecord
 
     rng = np.random.default_rng(0)
-    # Clustered, non-negative vectors like CNN features (ReLU, pooled): random Gaussian
-    # vectors have no neighbours and are the worst case of an HNSW graph, not a catalogue.
-    centres = np.maximum(rng.standard_normal((2000, dim), dtype=np.float32), 0)
+    centres = pipeline_bench.vector_centres(rng, dim)
     stall = {"max": 0.0}
     done = threading.Event()
 
@@ -72,8 +70,7 @@ def search_at_scale(points: int, dim: int = 1280, queries: int = 200) -> dict:
             last = now
 
     def vectors(n: int) -> np.ndarray:
-        picked = centres[rng.integers(0, len(centres), n)]
-        return np.maximum(picked + 0.3 * rng.standard_normal(picked.shape, dtype=np.float32), 0)
+        return pipeline_bench.clustered_vectors(rng, centres, n)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = EdgeStore(Path(tmp))

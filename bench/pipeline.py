@@ -8,7 +8,9 @@ latency (publish -> result received, through ingest, detect, embed and query) as
 p95 / max over sequential searches. ``--resend N`` then publishes the same catalogue N more
 times (a nightly full feed with nothing new) and adds the time each took to be closed.
 ``--baseline`` then times standalone batched embedding of the same photos with the stack
-stopped, and their ratio (``index_vs_embed``).
+stopped, and their ratio (``index_vs_embed``). ``--filler N`` adds N synthetic points of other
+products to the collection after indexing (and builds their index) before the searches, so that
+searches run against a store of catalogue scale.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/pipeline.py` finds the bench package
 
@@ -31,7 +36,41 @@ from lookalike.shared.config import Settings  # noqa: E402
 from lookalike.shared.images import normalize  # noqa: E402
 from lookalike.shared.limits import IMAGE_MAX_SIDE, MAX_IMAGE_PIXELS  # noqa: E402
 from lookalike.shared.logs import setup_logging  # noqa: E402
+from lookalike.shared.stores import PointRecord  # noqa: E402
 from lookalike.stack import Stack  # noqa: E402
+
+
+def clustered_vectors(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
+    """``n`` non-negative vectors around ``centres``, like pooled CNN features (ReLU). Random
+    Gaussian vectors have no neighbours and are the worst case of an HNSW graph, not a catalogue."""
+    picked = centres[rng.integers(0, len(centres), n)]
+    return np.maximum(picked + 0.3 * rng.standard_normal(picked.shape, dtype=np.float32), 0)
+
+
+def vector_centres(rng: np.random.Generator, dim: int, clusters: int = 2000) -> np.ndarray:
+    return np.maximum(rng.standard_normal((clusters, dim), dtype=np.float32), 0)
+
+
+def add_filler(store, collection: str, template: dict, points: int, dim: int) -> float:
+    """``points`` synthetic points of other products (4 a product, a real point's payload without
+    its thumbnail), then the index build: the seconds it took.
+
+    Their vectors are clustered but signed, so they sit far from the catalogue's non-negative CNN
+    features: the searches pay for a store of this size, and their top-1 still says whether the
+    right catalogue product was found (non-negative filler outranked it in 12 of 20 searches)."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2000, dim), dtype=np.float32)
+    payload = {k: v for k, v in template.items() if k != "point_id"} | {"thumbnail": ""}
+    t0 = time.perf_counter()
+    for start in range(0, points, 1000):
+        picked = centres[rng.integers(0, len(centres), min(1000, points - start))]
+        batch = picked + 0.3 * rng.standard_normal(picked.shape, dtype=np.float32)
+        store.upsert(collection, [
+            PointRecord(id=str(uuid.UUID(int=k + 1)), vector=v,
+                        payload={**payload, "product_id": f"filler-{k // 4}", "image_id": f"filler-{k}"})
+            for k, v in enumerate(batch, start)])
+    store.optimize(collection)
+    return time.perf_counter() - t0
 
 
 def catalogue_photos(events: list) -> list[bytes]:
@@ -41,7 +80,8 @@ def catalogue_photos(events: list) -> list[bytes]:
 
 
 def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "efficientnet_lite0",
-        precision: str = "auto", detect: str = "none", resend: int = 0, baseline: bool = False) -> dict:
+        precision: str = "auto", detect: str = "none", resend: int = 0, baseline: bool = False,
+        filler: int = 0) -> dict:
     """Index a generated catalogue through the embedded stack, then time sequential photo searches.
 
     ``baseline``: also time standalone batched embedding of the same photos (``standalone_img_per_s``)
@@ -62,6 +102,10 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
                 raise RuntimeError(f"the catalogue did not index cleanly: {report.summary()}")
             points = stack.resources.store.count(stack.resources.collection)
             resend_s = [round(client.index(read_catalog(sample.catalog_path)).seconds, 2) for _ in range(resend)]
+            store, collection = stack.resources.store, stack.resources.collection
+            if filler:
+                template = store.product_payloads(collection, events[0].product_id)[0]
+                filler_s = add_filler(store, collection, template, filler, stack.resources.embedder.spec.dim)
 
             latencies, correct = [], 0
             for i in range(searches):
@@ -81,6 +125,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
     n_photos = sum(len(e.images) for e in events)
     return {
         "events": len(events), "photos": n_photos, "points": points,
+        **({"filler_points": filler, "filler_seconds": round(filler_s, 1)} if filler else {}),
         "model": model, "precision": precision, "detect": detect,
         "index_seconds": round(index_s, 2), "events_per_second": round(len(events) / index_s, 1),
         "photos_per_second": round(n_photos / index_s, 1),
@@ -103,12 +148,14 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto: what the product picks on this machine")
     parser.add_argument("--detect", default="none")
     parser.add_argument("--resend", type=int, default=0, help="publish the same catalogue this many more times")
+    parser.add_argument("--filler", type=int, default=0,
+                        help="synthetic points of other products added before the searches (e.g. 100000)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time standalone embedding of the same photos, and the ratio (index_vs_embed)")
     args = parser.parse_args()
     setup_logging("WARNING")
     print(json.dumps(run(args.products, args.photos, args.searches, args.model, args.precision, args.detect,
-                         args.resend, args.baseline)))
+                         args.resend, args.baseline, args.filler)))
 
 
 if __name__ == "__main__":
