@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -701,18 +700,6 @@ class TorchEmbedder(BatchEmbedder):
         self._thumbnail_pool = ThreadPoolExecutor(max_workers=THUMBNAIL_LANES, thread_name_prefix="embed-thumbnails")
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
-            self._warm_up()
-
-    def _warm_up(self) -> None:
-        """Run every batch shape ``features`` pads to once, so that cuDNN tunes them now and not
-        while the first batches of each size (a shopper's first search among them) wait."""
-        started = time.perf_counter()
-        crop = self.spec.preprocessing.crop
-        buckets = batch_buckets(self.batch_size)
-        for rows in buckets:
-            self.features(np.zeros((rows, crop, crop, 3), dtype=np.uint8))
-        log.info("%s: %d batch shapes tuned on %s in %.1f s", self.spec.id, len(buckets), self.device,
-                 time.perf_counter() - started)
 
     def features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
@@ -721,7 +708,8 @@ class TorchEmbedder(BatchEmbedder):
             if x.device.type == "cpu":
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
-            bucket = batch_bucket(rows, self.batch_size)
+            # Batch sizes rounded up to a power of two: a handful of shapes, each tuned once by cuDNN.
+            bucket = min(max(self.batch_size, rows), 1 << (rows - 1).bit_length())
             if bucket > rows:
                 x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
         with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
@@ -976,17 +964,6 @@ def int8_candidate(device: str, runtime: str, spec: EmbedderSpec) -> bool:
 def int8_digest(spec: EmbedderSpec, model: torch.nn.Module) -> str:
     """The digest the int8 ranges and the ONNX embedder's cached graphs are keyed by."""
     return weights_digest(Normalized(model, spec.preprocessing))
-
-
-def batch_bucket(rows: int, batch_size: int) -> int:
-    """The batch size ``TorchEmbedder.features`` pads ``rows`` to on CUDA: the next power of two,
-    at most ``batch_size``. A handful of shapes, each tuned once by cuDNN."""
-    return min(max(batch_size, rows), 1 << (rows - 1).bit_length())
-
-
-def batch_buckets(batch_size: int) -> list[int]:
-    """Every shape ``batch_bucket`` gives a batch of 1 to ``batch_size`` rows (what the warm-up runs)."""
-    return sorted({batch_bucket(rows, batch_size) for rows in range(1, batch_size + 1)})
 
 
 def default_prep_workers(device: str) -> int:

@@ -386,33 +386,3 @@ def test_images_the_device_decoder_refuses_are_decoded_by_pil(monkeypatch):
     assert _cosines(first.vectors, expected).min() > 0.9999
     assert _cosines(second.vectors, expected).min() > 0.9999
     assert Image.open(io.BytesIO(second.thumbnail)).size == (160, 120)
-
-
-@pytest.mark.parametrize("batch_size", [1, 8, 100, 256])
-def test_every_batch_on_cuda_pads_to_a_shape_the_warm_up_tuned(batch_size):
-    # GIVEN the shapes the CUDA warm-up runs at start-up
-    from lookalike.shared.embedders import batch_bucket, batch_buckets
-
-    warmed = set(batch_buckets(batch_size))
-    # WHEN a batch of any size the embedder forms (1 to batch_size rows) is padded
-    # THEN it pads to one of them, never below its own size: no batch waits for cuDNN to tune a new shape
-    for rows in range(1, batch_size + 1):
-        bucket = batch_bucket(rows, batch_size)
-        assert bucket in warmed and bucket >= rows
-    assert len(warmed) <= batch_size.bit_length() + 1  # a handful of shapes, not one per size
-
-
-def test_warm_up_runs_the_network_on_every_bucket_shape(monkeypatch):
-    # GIVEN an embedder with batches of 8 (the warm-up itself runs only on CUDA; its calls are the same here)
-    from lookalike.shared.embedders import TorchEmbedder
-
-    spec = REGISTRY["efficientnet_lite0"]
-    embedder = TorchEmbedder(spec, spec.build(spec.find_weights(None, allow_download=False)), "cpu", "fp32",
-                             batch_size=8)
-    shapes = []
-    features = embedder.features
-    monkeypatch.setattr(embedder, "features", lambda pixels: shapes.append(pixels.shape) or features(pixels))
-    # WHEN it warms up
-    embedder._warm_up()
-    # THEN the network ran once per bucket, on uint8 pixels of the model's crop
-    assert shapes == [(rows, 224, 224, 3) for rows in (1, 2, 4, 8)]
