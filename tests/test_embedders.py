@@ -106,13 +106,24 @@ def test_lite0_real_weights_similarity(lite0):
     assert float(a @ b) > float(a @ c) + 0.05
 
 
-def test_lite0_bf16_close_to_fp32(lite0):
-    images = [_picture(i) for i in range(4)]
-    fp32 = lite0.embed(images)
-    bf16 = load_embedder("efficientnet_lite0", device="cpu", precision="bf16").embed(images)
+def _catalogue_photos(sample_catalog, n: int = 8) -> list[Image.Image]:
+    """Photo-like images (the sample catalogue's renders on backgrounds): what bf16's closeness is
+    promised on. On flat drawings (``_picture``) native bf16 (AVX512-BF16/AMX) drifts much further:
+    a cosine of 0.887 for one Lite0 crop, where these photos stay above 0.997 (docs/benchmarks.md)."""
+    paths = sorted((sample_catalog.catalog_path.parent / "images").glob("*.jpg"))[:n]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+@pytest.mark.parametrize("model_id", ["efficientnet_lite0", "efficientnet_lite2_rmac"])
+def test_bf16_close_to_fp32_on_photos(model_id, sample_catalog):
+    # GIVEN product photos, embedded in fp32 (ONNX Runtime, the CPU default) and in bf16 (PyTorch)
+    images = _catalogue_photos(sample_catalog)
+    fp32 = load_embedder(model_id, device="cpu", runtime="onnx", precision="fp32").embed(images)
+    bf16 = load_embedder(model_id, device="cpu", precision="bf16").embed(images)
+    # THEN bf16 gives float32 rows as close as issue 11's bar for choosing it (mean cosine >= 0.995)
     assert bf16.dtype == np.float32
-    cos = np.sum(fp32 * bf16, axis=1)
-    assert cos.min() > 0.98, cos
+    cos = _cosines(fp32, bf16)
+    assert cos.mean() >= 0.995 and cos.min() > 0.99, cos
 
 
 def test_resnet50_offline_without_weights_names_the_ways_out(offline):
@@ -202,15 +213,13 @@ def test_lite2_rmac_real_weights(lite2_rmac):
     scene = _picture(1, size=400)
     images = [scene.crop((0, 0, 360, 360)), scene.crop((40, 30, 400, 390)), _picture(2, size=400),
               _picture(3, size=200).convert("L"), _picture(4, size=300).crop((0, 0, 300, 120))]
-    # WHEN ONNX Runtime (the CPU default), PyTorch fp32 and PyTorch bf16 embed the same photos
+    # WHEN ONNX Runtime (the CPU default) and PyTorch fp32 embed the same pictures
     onnx_rows = lite2_rmac.embed(images)
     torch_rows = load_embedder("efficientnet_lite2_rmac", device="cpu", runtime="torch").embed(images)
-    bf16_rows = load_embedder("efficientnet_lite2_rmac", device="cpu", precision="bf16").embed(images)
-    # THEN the runtimes agree (one index whichever runs), bf16 is close, rows are unit norm
+    # THEN the runtimes agree (one index whichever runs), rows are unit norm (bf16: test_bf16_close_to_fp32_on_photos)
     assert onnx_rows.shape == (5, 1280)
     assert np.allclose(np.linalg.norm(onnx_rows, axis=1), 1.0, atol=1e-5)
     assert _cosines(onnx_rows, torch_rows).min() > 0.9999
-    assert _cosines(onnx_rows, bf16_rows).min() > 0.98
     # AND two crops of one scene are closer than another scene
     a, b, c = onnx_rows[:3]
     assert float(a @ b) > float(a @ c) + 0.05
