@@ -1,0 +1,139 @@
+"""Where the CPU goes while the embedded stack indexes: ``python -m bench.cpu_profile``.
+
+    python -m bench.cpu_profile [--products 100] [--model efficientnet_lite0] [--interval 0.1] [--timeline]
+
+Indexes the sample catalogue (``--products`` events of 4 photos, detection off) through the
+embedded stack as ``lookalike index`` does, and reads from /proc:
+
+- each thread's CPU seconds over the index (from the first publish to embed's last report),
+  grouped by thread name (Python's names; native threads such as ONNX Runtime's pool keep the
+  process's name), and the broker process's;
+- every ``--interval`` seconds, how many cores the machine, this process and the broker were
+  using, and how many records each function had finished (``--timeline`` prints them).
+
+Ends with one JSON line. On a GPU host the same command shows which stage bounds the
+one-process stack there. Figures: docs/benchmarks.md ("The CPU bound of e2e.index_vs_embed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/cpu_profile.py` finds the bench package
+
+from lookalike.client import Client, read_catalog  # noqa: E402
+from lookalike.sample_catalog import generate  # noqa: E402
+from lookalike.shared.config import Settings  # noqa: E402
+from lookalike.shared.logs import setup_logging  # noqa: E402
+from lookalike.stack import Stack  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(stat_path: str) -> float:
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def thread_cpu(names: dict[int, str]) -> dict[int, tuple[str, float]]:
+    """CPU seconds of each thread of this process: native id -> (group name, seconds)."""
+    for t in threading.enumerate():
+        if t.native_id:
+            names[t.native_id] = t.name.split("_")[0]
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = names.get(int(tid)) or Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            out[int(tid)] = (name, _cpu_seconds(f"/proc/self/task/{tid}/stat"))
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return out
+
+
+def machine_busy_seconds() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK  # all but idle and iowait
+
+
+def run(products: int = 100, model: str = "efficientnet_lite0", interval: float = 0.1) -> dict:
+    setup_logging("WARNING")
+    names: dict[int, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=4)
+        events = read_catalog(sample.catalog_path)
+        settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=model, detect_weights="none")
+        with Stack(settings) as stack:
+            broker = f"/proc/{stack.broker.process.pid}/stat" if stack.broker else None
+            client = Client(stack.bootstrap_servers)
+            timeline: list[dict] = []
+            stop = threading.Event()
+
+            def sample_load() -> None:
+                started = last_t = time.monotonic()
+                last = (machine_busy_seconds(), _cpu_seconds("/proc/self/stat"), broker and _cpu_seconds(broker))
+                while not stop.wait(interval):
+                    now_t = time.monotonic()
+                    now = (machine_busy_seconds(), _cpu_seconds("/proc/self/stat"), broker and _cpu_seconds(broker))
+                    dt = now_t - last_t
+                    timeline.append({"t": round(now_t - started, 2), "machine": round((now[0] - last[0]) / dt, 2),
+                                     "process": round((now[1] - last[1]) / dt, 2),
+                                     "broker": round((now[2] - last[2]) / dt, 2) if broker else None,
+                                     "records": {n: f.counters.get("records", 0) for n, f in stack.functions.items()}})
+                    last, last_t = now, now_t
+
+            before, broker_before = thread_cpu(names), broker and _cpu_seconds(broker)
+            sampler = threading.Thread(target=sample_load, name="bench-sampler", daemon=True)
+            sampler.start()
+            report = client.index(events)
+            stop.set()
+            sampler.join()
+            after, broker_after = thread_cpu(names), broker and _cpu_seconds(broker)
+            client.close()
+    threads: dict[str, float] = {}
+    for tid, (name, seconds) in after.items():
+        threads[name] = threads.get(name, 0.0) + seconds - before.get(tid, (name, 0.0))[1]
+    photos = sum(len(e.images) for e in events)
+    process_s = sum(threads.values())
+    broker_s = (broker_after - broker_before) if broker else 0.0
+    busy = [row["machine"] for row in timeline]
+    return {
+        "photos": photos, "index_seconds": round(report.seconds, 2),
+        "photos_per_second": round(photos / report.seconds, 1),
+        "cpu_seconds": {name: round(s, 2) for name, s in sorted(threads.items(), key=lambda kv: -kv[1]) if s >= 0.01},
+        "process_cpu_s": round(process_s, 2), "broker_cpu_s": round(broker_s, 2),
+        "cpu_ms_per_photo": round(1000 * (process_s + broker_s) / photos, 1),
+        "machine_cores_busy_mean": round(sum(busy) / len(busy), 2) if busy else None,
+        "cores": os.cpu_count(), "timeline": timeline,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--products", type=int, default=100)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--interval", type=float, default=0.1, help="seconds between load samples")
+    parser.add_argument("--timeline", action="store_true", help="print the load samples")
+    args = parser.parse_args()
+    result = run(args.products, args.model, args.interval)
+    print(f"{result['photos']} photos in {result['index_seconds']} s ({result['photos_per_second']} photos/s); "
+          f"{result['cpu_ms_per_photo']} ms of CPU a photo; machine {result['machine_cores_busy_mean']} of "
+          f"{result['cores']} cores busy on average")
+    for name, seconds in result["cpu_seconds"].items():
+        print(f"  {name:32s} {seconds:6.2f} s")
+    print(f"  {'broker (process)':32s} {result['broker_cpu_s']:6.2f} s")
+    if args.timeline:
+        for row in result["timeline"]:
+            print(f"  t={row['t']:5.2f} machine {row['machine']:4.2f} process {row['process']:4.2f} "
+                  f"broker {row['broker']} records {row['records']}")
+    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}))
+
+
+if __name__ == "__main__":
+    main()
