@@ -5,9 +5,9 @@
 Indexes the sample catalogue (``--products`` events of 4 photos, detection off) through the
 embedded stack as ``lookalike index`` does, and reads from /proc:
 
-- each thread's CPU seconds over the index (from the first publish to embed's last report),
-  grouped by thread name (Python's names; native threads such as ONNX Runtime's pool keep the
-  process's name), and the broker process's;
+- each thread group's CPU seconds over the index (from the first publish to embed's last
+  report; ``bench.gpu_embed.thread_cpu``: Python's thread names, native threads such as ONNX
+  Runtime's pool as ``native:`` and their kernel name), and the broker process's;
 - every ``--interval`` seconds, how many cores the machine, this process and the broker were
   using, and how many records each function had finished (``--timeline`` prints them).
 
@@ -28,59 +28,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/cpu_profile.py` finds the bench package
 
+from bench.gpu_embed import thread_cpu  # noqa: E402
+from bench.scale import cpu_seconds, machine_busy_seconds  # noqa: E402
 from lookalike.client import Client, read_catalog  # noqa: E402
 from lookalike.sample_catalog import generate  # noqa: E402
 from lookalike.shared.config import Settings  # noqa: E402
 from lookalike.shared.logs import setup_logging  # noqa: E402
 from lookalike.stack import Stack  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(stat_path: str) -> float:
-    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-
-
-def thread_cpu(names: dict[int, str]) -> dict[int, tuple[str, float]]:
-    """CPU seconds of each thread of this process: native id -> (group name, seconds)."""
-    for t in threading.enumerate():
-        if t.native_id:
-            names[t.native_id] = t.name.split("_")[0]
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            name = names.get(int(tid)) or Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-            out[int(tid)] = (name, _cpu_seconds(f"/proc/self/task/{tid}/stat"))
-        except FileNotFoundError:  # the thread ended meanwhile
-            pass
-    return out
-
-
-def machine_busy_seconds() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / TICK  # all but idle and iowait
-
 
 def run(products: int = 100, model: str = "efficientnet_lite0", interval: float = 0.1) -> dict:
     setup_logging("WARNING")
-    names: dict[int, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=4)
         events = read_catalog(sample.catalog_path)
         settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), embed_model=model, detect_weights="none")
         with Stack(settings) as stack:
-            broker = f"/proc/{stack.broker.process.pid}/stat" if stack.broker else None
+            broker = stack.broker.process.pid if stack.broker else None
             client = Client(stack.bootstrap_servers)
             timeline: list[dict] = []
             stop = threading.Event()
 
             def sample_load() -> None:
                 started = last_t = time.monotonic()
-                last = (machine_busy_seconds(), _cpu_seconds("/proc/self/stat"), broker and _cpu_seconds(broker))
+                last = (machine_busy_seconds(), cpu_seconds(os.getpid()), broker and cpu_seconds(broker))
                 while not stop.wait(interval):
                     now_t = time.monotonic()
-                    now = (machine_busy_seconds(), _cpu_seconds("/proc/self/stat"), broker and _cpu_seconds(broker))
+                    now = (machine_busy_seconds(), cpu_seconds(os.getpid()), broker and cpu_seconds(broker))
                     dt = now_t - last_t
                     timeline.append({"t": round(now_t - started, 2), "machine": round((now[0] - last[0]) / dt, 2),
                                      "process": round((now[1] - last[1]) / dt, 2),
@@ -88,17 +62,15 @@ def run(products: int = 100, model: str = "efficientnet_lite0", interval: float 
                                      "records": {n: f.counters.get("records", 0) for n, f in stack.functions.items()}})
                     last, last_t = now, now_t
 
-            before, broker_before = thread_cpu(names), broker and _cpu_seconds(broker)
+            before, broker_before = thread_cpu(), broker and cpu_seconds(broker)
             sampler = threading.Thread(target=sample_load, name="bench-sampler", daemon=True)
             sampler.start()
             report = client.index(events)
             stop.set()
             sampler.join()
-            after, broker_after = thread_cpu(names), broker and _cpu_seconds(broker)
+            after, broker_after = thread_cpu(), broker and cpu_seconds(broker)
             client.close()
-    threads: dict[str, float] = {}
-    for tid, (name, seconds) in after.items():
-        threads[name] = threads.get(name, 0.0) + seconds - before.get(tid, (name, 0.0))[1]
+    threads = {group: seconds - before.get(group, 0.0) for group, seconds in after.items()}
     photos = sum(len(e.images) for e in events)
     process_s = sum(threads.values())
     broker_s = (broker_after - broker_before) if broker else 0.0

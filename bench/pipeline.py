@@ -40,15 +40,17 @@ from lookalike.shared.stores import PointRecord  # noqa: E402
 from lookalike.stack import Stack  # noqa: E402
 
 
-def clustered_vectors(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
-    """``n`` non-negative vectors around ``centres``, like pooled CNN features (ReLU). Random
+def vector_centres(rng: np.random.Generator, dim: int, non_negative: bool = True, clusters: int = 2000) -> np.ndarray:
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    return np.maximum(centres, 0) if non_negative else centres
+
+
+def clustered_vectors(rng: np.random.Generator, centres: np.ndarray, n: int, non_negative: bool = True) -> np.ndarray:
+    """``n`` vectors around ``centres``; non-negative ones are like pooled CNN features (ReLU). Random
     Gaussian vectors have no neighbours and are the worst case of an HNSW graph, not a catalogue."""
     picked = centres[rng.integers(0, len(centres), n)]
-    return np.maximum(picked + 0.3 * rng.standard_normal(picked.shape, dtype=np.float32), 0)
-
-
-def vector_centres(rng: np.random.Generator, dim: int, clusters: int = 2000) -> np.ndarray:
-    return np.maximum(rng.standard_normal((clusters, dim), dtype=np.float32), 0)
+    vectors = picked + 0.3 * rng.standard_normal(picked.shape, dtype=np.float32)
+    return np.maximum(vectors, 0) if non_negative else vectors
 
 
 def add_filler(store, collection: str, template: dict, points: int, dim: int) -> float:
@@ -59,12 +61,11 @@ def add_filler(store, collection: str, template: dict, points: int, dim: int) ->
     features: the searches pay for a store of this size, and their top-1 still says whether the
     right catalogue product was found (non-negative filler outranked it in 12 of 20 searches)."""
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((2000, dim), dtype=np.float32)
+    centres = vector_centres(rng, dim, non_negative=False)
     payload = {k: v for k, v in template.items() if k != "point_id"} | {"thumbnail": ""}
     t0 = time.perf_counter()
     for start in range(0, points, 1000):
-        picked = centres[rng.integers(0, len(centres), min(1000, points - start))]
-        batch = picked + 0.3 * rng.standard_normal(picked.shape, dtype=np.float32)
+        batch = clustered_vectors(rng, centres, min(1000, points - start), non_negative=False)
         store.upsert(collection, [
             PointRecord(id=str(uuid.UUID(int=k + 1)), vector=v,
                         payload={**payload, "product_id": f"filler-{k // 4}", "image_id": f"filler-{k}"})
@@ -100,9 +101,9 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
             index_s = report.seconds
             if report.finished != len(events) or report.failed:
                 raise RuntimeError(f"the catalogue did not index cleanly: {report.summary()}")
-            points = stack.resources.store.count(stack.resources.collection)
-            resend_s = [round(client.index(read_catalog(sample.catalog_path)).seconds, 2) for _ in range(resend)]
             store, collection = stack.resources.store, stack.resources.collection
+            points = store.count(collection)
+            resend_s = [round(client.index(read_catalog(sample.catalog_path)).seconds, 2) for _ in range(resend)]
             if filler:
                 template = store.product_payloads(collection, events[0].product_id)[0]
                 filler_s = add_filler(store, collection, template, filler, stack.resources.embedder.spec.dim)
