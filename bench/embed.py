@@ -32,7 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lookalike.shared.embedders import REGISTRY, OnnxEmbedder, TorchEmbedder, choose_runtime, default_batch_size
+from lookalike.shared.embedders import (
+    REGISTRY,
+    OnnxEmbedder,
+    TorchEmbedder,
+    choose_runtime,
+    default_batch_size,
+    resolve_compile,
+)
 from lookalike.shared.embedding import ImageJob
 from lookalike.shared.images import jpeg_header, open_jpeg
 from lookalike.shared.messages import Box
@@ -117,12 +124,14 @@ def timed(fn, warmup: int = 1) -> float:
 
 
 def product_embedder(model_id: str, model: torch.nn.Module, precision: str, batch: int, device: str,
-                     runtime: str = "auto") -> OnnxEmbedder | TorchEmbedder:
-    """The embedder the embed function would run for this model, precision and device."""
+                     runtime: str = "auto", compile: str = "auto") -> OnnxEmbedder | TorchEmbedder:
+    """The embedder the embed function would run for this model, precision and device
+    (``compile``: as EMBED_COMPILE says; compiled at construction)."""
     spec = REGISTRY[model_id]
     if choose_runtime(runtime, torch.device(device).type, precision) == "onnx":
         return OnnxEmbedder(spec, model, batch, precision=precision)
-    return TorchEmbedder(spec, model, device, precision, batch)
+    compiled = resolve_compile(compile, device, precision, spec)
+    return TorchEmbedder(spec, model, device, precision, batch, compile=compiled)
 
 
 def whole_image_jobs(jpegs: list[bytes]) -> list[ImageJob]:
@@ -141,7 +150,7 @@ def batched_img_per_s(model_id: str, jpegs: list[bytes], precision: str, device:
 
 
 def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: str | None = None,
-        runtime: str = "auto") -> dict:
+        runtime: str = "auto", compile: str = "auto") -> dict:
     import copy
 
     spec = REGISTRY[model_id]
@@ -150,7 +159,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     n = len(jpegs)
     model = model_for(model_id)
     naive_model = copy.deepcopy(model).eval().to(device)  # the same weights, left as they are
-    embedder = product_embedder(model_id, copy.deepcopy(model), precision, batch, device, runtime)
+    embedder = product_embedder(model_id, copy.deepcopy(model), precision, batch, device, runtime, compile)
     runtime = embedder.runtime
 
     # The seed document's way: one image at a time, fp32, contiguous layout, preprocessing inline.
@@ -188,7 +197,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     batched_rate = n / batched_s
     return {
         "device": device, "model": model_id, "precision": precision, "runtime": runtime, "batch": batch, "images": n,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "compile_s": getattr(embedder, "compile_s", None),
         "embed.naive_img_per_s": round(n / naive_s, 1),
         "embed.batched_img_per_s": round(batched_rate, 1),
         "embed.speedup": round(naive_s / batched_s, 2),
@@ -211,10 +220,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="images per network batch (0: the product's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"))
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="torch.compile the PyTorch network, as EMBED_COMPILE (auto: bf16 on a CPU)")
     parser.add_argument("--photos", help="a folder of real photos (default: synthetic 640x480 JPEGs)")
     parser.add_argument("--json", action="store_true", help="one JSON line only")
     args = parser.parse_args()
-    result = run(args.model, args.images, args.precision, args.batch, args.device, args.photos, args.runtime)
+    result = run(args.model, args.images, args.precision, args.batch, args.device, args.photos, args.runtime,
+                 args.compile)
     if not args.json:
         for k, v in result.items():
             print(f"{k:28s} {v}")

@@ -71,8 +71,10 @@ class Resources:
             res.store.ensure_collection(CollectionSpec(collection, REGISTRY[default_id].dim, settings.distance))
         if "embed" in names:
             res.embedder = res.load_embedder(state.active)
+            compiled = getattr(res.embedder, "compile_s", None)
             res.notes.append(f"embedder {state.active.id} on {res.embedder.device} "
-                             f"({res.embedder.precision}, {res.embedder.runtime})")
+                             f"({res.embedder.precision}, {res.embedder.runtime}"
+                             + (f", compiled in {compiled:.0f} s)" if compiled is not None else ")"))
             metrics.MODEL.info({"model": state.active.id, "device": res.embedder.device,
                                 "precision": res.embedder.precision, "runtime": res.embedder.runtime})
         return res.load_detector() if "detect" in names else res
@@ -96,7 +98,7 @@ class Resources:
             options.pop("weights_path", None)  # EMBED_WEIGHTS belongs to EMBED_MODEL
         return load_embedder(ref.spec, s.embed_device, s.embed_precision, batch_size=s.embed_batch_size,
                              allow_download=s.allow_download, runtime=s.embed_runtime, cache_dir=s.onnx_cache_dir(),
-                             **options)
+                             compile=s.embed_compile, **options)
 
     def live_collections(self) -> list[str]:
         """The collections catalogue changes go to: one, or two during a model upgrade."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,6 +130,9 @@ class EmbedderSpec:
     packaged_weights: Callable[[], Path | None] | None = field(default=None, repr=False)
     # Extra hint for the "not found" message.
     install_hint: str = ""
+    # Whether EMBED_COMPILE=auto compiles its bf16 network on a CPU: where it was measured to pay
+    # (ResNet-50 2.5x eager). Not the EfficientNet-Lites: +10 %, and further from fp32 (docs/benchmarks.md).
+    compile_on_cpu: bool = False
 
     def cache_path(self) -> Path | None:
         """Where torch.hub keeps (or would keep) the downloaded weights file."""
@@ -405,6 +410,7 @@ def _resnet_spec(model_id: str, builder_name: str, weights_enum: str, tag: str, 
         build=build,
         architecture=architecture,
         weights_url=weights.url,
+        compile_on_cpu=True,
     )
 
 
@@ -687,7 +693,7 @@ class TorchEmbedder(BatchEmbedder):
     runtime = "torch"
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str,
-                 batch_size: int = 32, decode: str = "auto", prep_workers: int = 0):
+                 batch_size: int = 32, decode: str = "auto", prep_workers: int = 0, compile: bool = False):
         on_cuda = torch.device(device).type == "cuda"
         super().__init__(spec, device, precision, batch_size, prep_workers or default_prep_workers(device))
         if decode not in ("auto", "pil", "device"):
@@ -700,22 +706,68 @@ class TorchEmbedder(BatchEmbedder):
         self._thumbnail_pool = ThreadPoolExecutor(max_workers=THUMBNAIL_LANES, thread_name_prefix="embed-thumbnails")
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
+        self._network: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.compile_s: float | None = None  # seconds spent compiling, None when eager
+        if compile:
+            self._compile()
+
+    def buckets(self) -> list[int]:
+        """The batch sizes the network runs at on CUDA or compiled: powers of two up to ``batch_size``, and it.
+
+        A handful of shapes, each tuned once by cuDNN or compiled once; a batch is padded up to its bucket."""
+        return sorted({min(1 << k, self.batch_size) for k in range(self.batch_size.bit_length() + 1)})
+
+    def _compile(self) -> None:
+        """``torch.compile`` the network for every bucket now, so no batch waits for a compile later.
+
+        Freezing makes the weights constants: Inductor folds the batch norms into the convolutions
+        and lays the weights out once for oneDNN (ResNet-50 bf16 on a CPU with AMX: 2.5x eager,
+        docs/benchmarks.md). Inductor keeps what it generates in TORCHINDUCTOR_CACHE_DIR (default
+        /tmp/torchinductor_<user>), so a restart compiles in about half the time.
+        """
+        sizes = self.buckets()
+        # one compiled graph per bucket (the default limit, 8, would leave batches of 256 eager)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
+        started = time.perf_counter()
+        network = torch.compile(self.model, dynamic=False)
+        crop = self.spec.preprocessing.crop
+        # Compiling happens at these first calls. (torch.compile's options={"freezing": True} did not
+        # freeze: 97 img/s against 168 with the config patched, ResNet-50 bf16, 2026-11-27.)
+        # Random pixels, not zeros: compiled on zeros the same graph ran at half the speed (82-92
+        # against 146-155 img/s, ResNet-50 bf16, alternated runs, 2026-11-27).
+        pixels = torch.randint(0, 256, (self.batch_size, crop, crop, 3), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0)).to(self.device)
+        with torch._inductor.config.patch(freezing=True):
+            for size in sizes:
+                with self._inference():
+                    network(pixels[:size])
+        self._network = network
+        self.compile_s = time.perf_counter() - started
+        log.info("embedder %s compiled for batches of %s in %.1f s", self.spec.id, sizes, self.compile_s)
+
+    def _inference(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                                           enabled=self.precision == "bf16"))
+        return stack
 
     def features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
         rows = len(x)
+        if rows > self.batch_size:  # one job with more boxes than a batch holds
+            return np.concatenate([self.features(x[s : s + self.batch_size]) for s in range(0, rows, self.batch_size)])
         if self._on_cuda:
             if x.device.type == "cpu":
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
-            # Batch sizes rounded up to a power of two: a handful of shapes, each tuned once by cuDNN.
-            bucket = min(max(self.batch_size, rows), 1 << (rows - 1).bit_length())
+        if self._on_cuda or self.compile_s is not None:
+            bucket = min(1 << (rows - 1).bit_length(), self.batch_size)
             if bucket > rows:
                 x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
-        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
+        with self._inference():
             # .cpu() waits for the batch, so the pixels (made on the decode stream) are free after it.
-            return self.model(x).float()[:rows].cpu().numpy()
+            return self._network(x).float()[:rows].cpu().numpy()
 
     def _prepare_jobs(self, jobs: Sequence[ImageJob]) -> Prepared:
         if self.decode == "pil":
@@ -966,6 +1018,33 @@ def int8_digest(spec: EmbedderSpec, model: torch.nn.Module) -> str:
     return weights_digest(Normalized(model, spec.preprocessing))
 
 
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def resolve_compile(compile: str, device: str, precision: str, spec: EmbedderSpec) -> bool:
+    """Whether to ``torch.compile`` a PyTorch network: ``on``, ``off``, or ``auto``: where it was measured
+    to pay for its start-up, a ``compile_on_cpu`` model in bf16 on a CPU (ResNet-50 2.5x eager on AMX, for
+    10-20 s of compiling each batch size: docs/benchmarks.md). On CUDA the embed path is bound by
+    decoding, not the network, so it stays eager there unless asked."""
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be auto, on or off, not {compile!r}")
+    if compile != "auto":
+        return compile == "on"
+    if not (spec.compile_on_cpu and torch.device(device).type == "cpu" and precision == "bf16"):
+        return False
+    if not cxx_compiler_found():
+        log.warning("%s runs eager: torch.compile builds its CPU kernels with a C++ compiler, and none was "
+                    "found (install g++ or set CXX)", spec.id)
+        return False
+    return True
+
+
+def cxx_compiler_found() -> bool:
+    """Whether the C++ compiler Inductor builds CPU kernels with is installed (CXX, else g++ or clang++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+    return any(shutil.which(name) for name in names)
+
+
 def default_prep_workers(device: str) -> int:
     """Decode workers when none is set: two on a GPU (5 % more than one on an H100, whose
     nvJPEG calls take one lock: docs/benchmarks.md); one on the CPU, whose cores the network needs."""
@@ -989,18 +1068,22 @@ def load_embedder(
     models_dir: Path | None = None,
     runtime: str = "auto",
     cache_dir: Path | None = None,
+    compile: str = "off",
 ) -> BatchEmbedder:
     """Resolve the model, find its weights (see module docstring) and load it.
 
     Everything comes in as arguments (``Settings.embedder_options()`` gives the configured ones).
     ``precision="auto"`` is ``auto_precision``'s choice; ``runtime="auto"`` is ONNX Runtime for
     fp32 and int8 on the CPU, else PyTorch (both chosen by measurement: docs/benchmarks.md).
-    ``cache_dir`` keeps exported ONNX graphs.
+    ``cache_dir`` keeps exported ONNX graphs. ``compile`` (on, off, or auto: ``resolve_compile``'s
+    choice) compiles a PyTorch network with ``torch.compile`` at load.
     """
     if precision not in ("auto", "fp32", "bf16", "int8"):
         raise ValueError(f"precision must be auto, fp32, bf16 or int8, not {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if compile not in COMPILE_CHOICES:  # fails before the weights load
+        raise ValueError(f"compile must be auto, on or off, not {compile!r}")
     if batch_size < 0:
         raise ValueError("batch_size must be >= 1, or 0 for the device's default")
     batch_size = batch_size or default_batch_size(device)
@@ -1018,4 +1101,5 @@ def load_embedder(
     log.info("embedder %s loaded from %s on %s/%s (%s)", spec.id, path, device, precision, runtime)
     if runtime == "onnx":
         return OnnxEmbedder(spec, model, batch_size, cache_dir, precision, digest)
-    return TorchEmbedder(spec, model, device, precision, batch_size)
+    return TorchEmbedder(spec, model, device, precision, batch_size,
+                         compile=resolve_compile(compile, device, precision, spec))

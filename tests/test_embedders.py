@@ -395,3 +395,55 @@ def test_images_the_device_decoder_refuses_are_decoded_by_pil(monkeypatch):
     assert _cosines(first.vectors, expected).min() > 0.9999
     assert _cosines(second.vectors, expected).min() > 0.9999
     assert Image.open(io.BytesIO(second.thumbnail)).size == (160, 120)
+
+
+@pytest.mark.skipif(not embedders.cxx_compiler_found(), reason="torch.compile needs a C++ compiler (g++) on the CPU")
+def test_compiled_network_gives_the_eager_vectors_for_every_batch_size(sample_catalog):
+    from lookalike.shared.embedders import TorchEmbedder, bf16_supported
+    from lookalike.shared.embedding import ImageJob
+    from lookalike.shared.messages import Box
+
+    spec = REGISTRY["efficientnet_lite0"]
+    model = spec.build(spec.find_weights(None, allow_download=False))
+    precision = "bf16" if bf16_supported("cpu") else "fp32"  # what EMBED_COMPILE=auto compiles, where it runs
+    # GIVEN the network compiled for batches of up to 4 (so for 1, 2 and 4, padded up to them), and
+    # the same weights eager
+    compiled = TorchEmbedder(spec, model, "cpu", precision, batch_size=4, compile=True)
+    eager = TorchEmbedder(spec, model, "cpu", precision, batch_size=4)
+    assert compiled.compile_s is not None and eager.compile_s is None
+    assert compiled.buckets() == [1, 2, 4]
+    # WHEN photos go through in batches of 4, 3 (padded) and 1, and a job with more boxes than a batch
+    images = _catalogue_photos(sample_catalog)
+    got = [compiled.embed(images[:8]), compiled.embed(images[:3]), compiled.embed(images[:1])]
+    want = [eager.embed(images[:8]), eager.embed(images[:3]), eager.embed(images[:1])]
+    data = _jpeg(images[0])
+    boxes = [Box(x1=0, y1=0, x2=images[0].width, y2=images[0].height)] * 3 + [Box(x1=10, y1=10, x2=120, y2=90)] * 3
+    [job] = compiled.embed_jobs([ImageJob(data, boxes)])
+    [eager_job] = eager.embed_jobs([ImageJob(data, boxes)])
+    # THEN every row matches the eager network's: in fp32 only the order of the arithmetic differs;
+    # in bf16 the batch norms, folded into the convolutions, round differently too (Lite0 moves most:
+    # cosine 0.9954 to eager on these renders, docs/benchmarks.md)
+    for a, b in zip(got + [job.vectors], want + [eager_job.vectors]):
+        assert a.shape == b.shape
+        cos = _cosines(a, b)
+        assert (cos.min() > 0.9999) if precision == "fp32" else (cos.mean() > 0.99 and cos.min() > 0.98), cos
+
+
+def test_compile_setting_values(monkeypatch, caplog):
+    from lookalike.shared.embedders import resolve_compile
+
+    monkeypatch.setattr(embedders, "cxx_compiler_found", lambda: True)
+    resnet, lite0 = REGISTRY["resnet50"], REGISTRY["efficientnet_lite0"]
+    # auto compiles where it was measured to pay: ResNet in bf16 on a CPU; not Lite0 (+10 %, further from fp32)
+    assert resolve_compile("auto", "cpu", "bf16", resnet) is True
+    assert resolve_compile("auto", "cpu", "bf16", lite0) is False
+    assert resolve_compile("auto", "cpu", "fp32", resnet) is False
+    assert resolve_compile("auto", "cuda", "bf16", resnet) is False
+    assert resolve_compile("on", "cuda", "bf16", lite0) is True
+    assert resolve_compile("off", "cpu", "bf16", resnet) is False
+    with pytest.raises(ValueError, match="compile must be auto, on or off"):
+        load_embedder("efficientnet_lite0", device="cpu", compile="yes")
+    # AND without a C++ compiler auto runs eager and says why
+    monkeypatch.setattr(embedders, "cxx_compiler_found", lambda: False)
+    assert resolve_compile("auto", "cpu", "bf16", resnet) is False
+    assert "install g++" in caplog.text
