@@ -1101,5 +1101,11 @@ def load_embedder(
     log.info("embedder %s loaded from %s on %s/%s (%s)", spec.id, path, device, precision, runtime)
     if runtime == "onnx":
         return OnnxEmbedder(spec, model, batch_size, cache_dir, precision, digest)
-    return TorchEmbedder(spec, model, device, precision, batch_size,
-                         compile=resolve_compile(compile, device, precision, spec))
+    compiled = resolve_compile(compile, device, precision, spec)
+    try:
+        return TorchEmbedder(spec, model, device, precision, batch_size, compile=compiled)
+    except Exception as e:  # noqa: BLE001 - Inductor fails in many ways (compiler, codegen); eager still runs
+        if not compiled or compile == "on":
+            raise
+        log.warning("%s runs eager: torch.compile failed (%s: %s)", spec.id, type(e).__name__, str(e)[:300])
+        return TorchEmbedder(spec, model, device, precision, batch_size)

@@ -447,3 +447,22 @@ def test_compile_setting_values(monkeypatch, caplog):
     monkeypatch.setattr(embedders, "cxx_compiler_found", lambda: False)
     assert resolve_compile("auto", "cpu", "bf16", resnet) is False
     assert "install g++" in caplog.text
+
+
+def test_a_failed_compile_leaves_auto_eager_and_fails_on(monkeypatch, caplog):
+    from lookalike.shared.embedders import TorchEmbedder
+
+    def broken(self):
+        raise RuntimeError("C++ compile failed: g++ exited with 1")
+
+    # GIVEN a model that EMBED_COMPILE=auto would compile, and an Inductor that fails
+    monkeypatch.setattr(embedders, "resolve_compile", lambda compile, *a: compile != "off")
+    monkeypatch.setattr(TorchEmbedder, "_compile", broken)
+    # WHEN auto loads it: it runs eager, and the log says why
+    emb = load_embedder("efficientnet_lite0", device="cpu", precision="bf16", compile="auto")
+    assert isinstance(emb, TorchEmbedder) and emb.compile_s is None
+    assert emb.embed([_picture(0)]).shape == (1, 1280)
+    assert "runs eager: torch.compile failed (RuntimeError: C++ compile failed" in caplog.text
+    # AND when compiling was asked for by name, the load fails with Inductor's error
+    with pytest.raises(RuntimeError, match="C\\+\\+ compile failed"):
+        load_embedder("efficientnet_lite0", device="cpu", precision="bf16", compile="on")
