@@ -130,7 +130,7 @@ def product_embedder(model_id: str, model: torch.nn.Module, precision: str, batc
     spec = REGISTRY[model_id]
     if choose_runtime(runtime, torch.device(device).type, precision) == "onnx":
         return OnnxEmbedder(spec, model, batch, precision=precision)
-    compiled = resolve_compile(compile, device, precision, spec)
+    compiled = resolve_compile(compile, device, precision)
     return TorchEmbedder(spec, model, device, precision, batch, compile=compiled)
 
 
@@ -140,11 +140,13 @@ def whole_image_jobs(jpegs: list[bytes]) -> list[ImageJob]:
             zip(jpegs, (jpeg_header(raw) for raw in jpegs))]
 
 
-def batched_img_per_s(model_id: str, jpegs: list[bytes], precision: str, device: str = "cpu") -> float:
+def batched_img_per_s(model_id: str, jpegs: list[bytes], precision: str, device: str = "cpu",
+                      compile: str = "auto") -> float:
     """Standalone ``embed_jobs`` from JPEG bytes (decoding in the worker thread while the network
     runs the batch before), with the product's batch size: the denominator of ``e2e.index_vs_embed``.
     The median of three runs: on this shared machine single runs of the same work spread by 1.5x."""
-    embedder = product_embedder(model_id, model_for(model_id), precision, default_batch_size(device), device)
+    embedder = product_embedder(model_id, model_for(model_id), precision, default_batch_size(device), device,
+                                compile=compile)
     jobs = whole_image_jobs(jpegs)
     return len(jobs) / statistics.median(timed(lambda: embedder.embed_jobs(jobs), warmup=int(k == 0)) for k in range(3))
 

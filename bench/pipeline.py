@@ -95,6 +95,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
         with Stack(settings) as stack:
             precision = stack.resources.embedder.precision  # what auto picked
             device = stack.resources.embedder.device  # the baseline runs where embed ran
+            compiled = "on" if getattr(stack.resources.embedder, "compile_s", None) is not None else "off"  # and so
             client = Client(stack.bootstrap_servers)
             # `lookalike index`'s way: publish, then follow embed's reports until every event is applied.
             report = client.index(events)
@@ -125,7 +126,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
             client.close()
         # The denominator of e2e.index_vs_embed: the same photos, as ingest leaves them, through
         # the same model and precision standalone (measured with the stack stopped).
-        standalone = (embed_bench.batched_img_per_s(model, catalogue_photos(events), precision, device)
+        standalone = (embed_bench.batched_img_per_s(model, catalogue_photos(events), precision, device, compiled)
                       if baseline else None)
 
     latencies.sort()

@@ -27,13 +27,13 @@ class Settings(BaseSettings):
     embed_model: str = "auto"  # registry id, or auto (resnet50 when its weights load, else efficientnet_lite2_rmac)
     embed_device: str = "auto"  # auto, cpu, cuda
     # auto (int8 on a CPU with VNNI where the model's int8 ranges ship, else bf16 where the device runs it
-    # natively, else fp32), fp32, bf16 or int8
+    # natively and faster: CUDA, a ResNet on a CPU; else fp32), fp32, bf16 or int8
     embed_precision: str = "auto"
     embed_batch_size: int = 0  # crops per network batch; 0: the device's default (8 on the CPU, 256 on CUDA)
     # auto (ONNX Runtime for fp32 and int8 on the CPU, PyTorch on CUDA or for bf16), torch or onnx
     embed_runtime: str = "auto"
-    # auto (on for a ResNet in bf16 on a CPU, where it pays: 2.5x), on or off: torch.compile the network at
-    # start-up (10-20 s a batch size on 2 cores; half that once TORCHINDUCTOR_CACHE_DIR holds the code)
+    # auto (on for a network in bf16 on a CPU, where it pays: ResNet-50 2.5x), on or off: torch.compile it at
+    # start-up (10-20 s a batch size on 2 cores; less once TORCHINDUCTOR_CACHE_DIR holds the code)
     embed_compile: str = "auto"
     embed_weights: str | None = None  # local weights file for the chosen model
     allow_download: bool = Field(default=True, validation_alias=AliasChoices("LOOKALIKE_ALLOW_DOWNLOAD",

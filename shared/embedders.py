@@ -130,9 +130,11 @@ class EmbedderSpec:
     packaged_weights: Callable[[], Path | None] | None = field(default=None, repr=False)
     # Extra hint for the "not found" message.
     install_hint: str = ""
-    # Whether EMBED_COMPILE=auto compiles its bf16 network on a CPU: where it was measured to pay
-    # (ResNet-50 2.5x eager). Not the EfficientNet-Lites: +10 %, and further from fp32 (docs/benchmarks.md).
-    compile_on_cpu: bool = False
+    # Whether EMBED_PRECISION=auto runs it in bf16 on a CPU with native bf16, where it beats ONNX Runtime
+    # in fp32: the ResNets (dense convolutions, what AMX speeds up; ResNet-50 compiled 86-96 img/s from
+    # JPEG bytes against 36 in fp32). Not the EfficientNet-Lites: ONNX Runtime fp32 runs Lite2 R-MAC at
+    # 95 img/s against 58 in eager bf16 and 106 compiled (docs/benchmarks.md).
+    cpu_bf16: bool = False
 
     def cache_path(self) -> Path | None:
         """Where torch.hub keeps (or would keep) the downloaded weights file."""
@@ -410,7 +412,7 @@ def _resnet_spec(model_id: str, builder_name: str, weights_enum: str, tag: str, 
         build=build,
         architecture=architecture,
         weights_url=weights.url,
-        compile_on_cpu=True,
+        cpu_bf16=True,
     )
 
 
@@ -999,11 +1001,14 @@ def choose_runtime(runtime: str, device: str, precision: str) -> str:
 def auto_precision(device: str, runtime: str, spec: EmbedderSpec, model: torch.nn.Module,
                    digest: str | None = None) -> str:
     """``precision="auto"``: int8 on a CPU with VNNI where ranges ship for these weights (about 2x fp32,
-    same Recall@1: docs/benchmarks.md), bf16 where the device runs it natively (and the runtime can),
-    else fp32. ``digest``: ``int8_digest``'s answer where the caller has it already."""
+    same Recall@1: docs/benchmarks.md); bf16 where the device runs it natively and PyTorch is the
+    runtime to run it on: CUDA; a CPU when the runtime is named torch or the model is ``cpu_bf16``
+    (where ONNX Runtime's fp32 is faster, as for the EfficientNet-Lites, fp32 on it); else fp32.
+    ``digest``: ``int8_digest``'s answer where the caller has it already."""
     if int8_candidate(device, runtime, spec) and int8.available(spec.id, digest or int8_digest(spec, model)):
         return "int8"
-    return "bf16" if bf16_supported(device) and runtime != "onnx" else "fp32"
+    torch_runs_it = torch.device(device).type != "cpu" or runtime == "torch" or spec.cpu_bf16
+    return "bf16" if bf16_supported(device) and runtime != "onnx" and torch_runs_it else "fp32"
 
 
 def int8_candidate(device: str, runtime: str, spec: EmbedderSpec) -> bool:
@@ -1021,20 +1026,20 @@ def int8_digest(spec: EmbedderSpec, model: torch.nn.Module) -> str:
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
-def resolve_compile(compile: str, device: str, precision: str, spec: EmbedderSpec) -> bool:
+def resolve_compile(compile: str, device: str, precision: str) -> bool:
     """Whether to ``torch.compile`` a PyTorch network: ``on``, ``off``, or ``auto``: where it was measured
-    to pay for its start-up, a ``compile_on_cpu`` model in bf16 on a CPU (ResNet-50 2.5x eager on AMX, for
-    10-20 s of compiling each batch size: docs/benchmarks.md). On CUDA the embed path is bound by
-    decoding, not the network, so it stays eager there unless asked."""
+    to pay for its start-up, bf16 on a CPU (from JPEG bytes, ResNet-50 1.7-1.9x eager and Lite2 R-MAC 1.8x
+    on AMX, for 35-52 s of compiling: docs/benchmarks.md). On CUDA the embed path is bound by decoding,
+    not the network, so it stays eager there unless asked."""
     if compile not in COMPILE_CHOICES:
         raise ValueError(f"compile must be auto, on or off, not {compile!r}")
     if compile != "auto":
         return compile == "on"
-    if not (spec.compile_on_cpu and torch.device(device).type == "cpu" and precision == "bf16"):
+    if not (torch.device(device).type == "cpu" and precision == "bf16"):
         return False
     if not cxx_compiler_found():
-        log.warning("%s runs eager: torch.compile builds its CPU kernels with a C++ compiler, and none was "
-                    "found (install g++ or set CXX)", spec.id)
+        log.warning("the network runs eager: torch.compile builds its CPU kernels with a C++ compiler, and "
+                    "none was found (install g++ or set CXX)")
         return False
     return True
 
@@ -1101,7 +1106,7 @@ def load_embedder(
     log.info("embedder %s loaded from %s on %s/%s (%s)", spec.id, path, device, precision, runtime)
     if runtime == "onnx":
         return OnnxEmbedder(spec, model, batch_size, cache_dir, precision, digest)
-    compiled = resolve_compile(compile, device, precision, spec)
+    compiled = resolve_compile(compile, device, precision)
     try:
         return TorchEmbedder(spec, model, device, precision, batch_size, compile=compiled)
     except Exception as e:  # noqa: BLE001 - Inductor fails in many ways (compiler, codegen); eager still runs
