@@ -1028,7 +1028,7 @@ COMPILE_CHOICES = ("auto", "on", "off")
 
 def resolve_compile(compile: str, device: str, precision: str) -> bool:
     """Whether to ``torch.compile`` a PyTorch network: ``on``, ``off``, or ``auto``: where it was measured
-    to pay for its start-up, bf16 on a CPU (from JPEG bytes, ResNet-50 1.7-1.9x eager and Lite2 R-MAC 1.8x
+    to pay for its start-up, bf16 on a CPU (from JPEG bytes, ResNet-50 1.6-1.9x eager and Lite2 R-MAC 1.8x
     on AMX, for 35-52 s of compiling: docs/benchmarks.md). On CUDA the embed path is bound by decoding,
     not the network, so it stays eager there unless asked."""
     if compile not in COMPILE_CHOICES:
