@@ -32,14 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lookalike.shared.embedders import (
-    REGISTRY,
-    OnnxEmbedder,
-    TorchEmbedder,
-    choose_runtime,
-    default_batch_size,
-    resolve_compile,
-)
+from lookalike.shared.embedders import REGISTRY, BatchEmbedder, TorchEmbedder, build_embedder, default_batch_size
 from lookalike.shared.embedding import ImageJob
 from lookalike.shared.images import jpeg_header, open_jpeg
 from lookalike.shared.messages import Box
@@ -124,14 +117,10 @@ def timed(fn, warmup: int = 1) -> float:
 
 
 def product_embedder(model_id: str, model: torch.nn.Module, precision: str, batch: int, device: str,
-                     runtime: str = "auto", compile: str = "auto") -> OnnxEmbedder | TorchEmbedder:
+                     runtime: str = "auto", compile: str = "auto") -> BatchEmbedder:
     """The embedder the embed function would run for this model, precision and device
     (``compile``: as EMBED_COMPILE says; compiled at construction)."""
-    spec = REGISTRY[model_id]
-    if choose_runtime(runtime, torch.device(device).type, precision) == "onnx":
-        return OnnxEmbedder(spec, model, batch, precision=precision)
-    compiled = resolve_compile(compile, device, precision)
-    return TorchEmbedder(spec, model, device, precision, batch, compile=compiled)
+    return build_embedder(REGISTRY[model_id], model, device, precision, batch, runtime, compile)
 
 
 def whole_image_jobs(jpegs: list[bytes]) -> list[ImageJob]:
@@ -199,7 +188,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     batched_rate = n / batched_s
     return {
         "device": device, "model": model_id, "precision": precision, "runtime": runtime, "batch": batch, "images": n,
-        "threads": torch.get_num_threads(), "compile_s": getattr(embedder, "compile_s", None),
+        "threads": torch.get_num_threads(), "compile_s": embedder.compile_s,
         "embed.naive_img_per_s": round(n / naive_s, 1),
         "embed.batched_img_per_s": round(batched_rate, 1),
         "embed.speedup": round(naive_s / batched_s, 2),

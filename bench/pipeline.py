@@ -95,7 +95,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
         with Stack(settings) as stack:
             precision = stack.resources.embedder.precision  # what auto picked
             device = stack.resources.embedder.device  # the baseline runs where embed ran
-            compiled = "on" if getattr(stack.resources.embedder, "compile_s", None) is not None else "off"  # and so
+            compiled = "on" if stack.resources.embedder.compile_s is not None else "off"  # and so
             client = Client(stack.bootstrap_servers)
             # `lookalike index`'s way: publish, then follow embed's reports until every event is applied.
             report = client.index(events)

@@ -71,7 +71,7 @@ class Resources:
             res.store.ensure_collection(CollectionSpec(collection, REGISTRY[default_id].dim, settings.distance))
         if "embed" in names:
             res.embedder = res.load_embedder(state.active)
-            compiled = getattr(res.embedder, "compile_s", None)
+            compiled = res.embedder.compile_s
             res.notes.append(f"embedder {state.active.id} on {res.embedder.device} "
                              f"({res.embedder.precision}, {res.embedder.runtime}"
                              + (f", compiled in {compiled:.0f} s)" if compiled is not None else ")"))

@@ -592,6 +592,7 @@ class BatchEmbedder:
     """
 
     runtime = ""
+    compile_s: float | None = None  # seconds spent compiling the network, None when it runs as it is
 
     def __init__(self, spec: EmbedderSpec, device: str, precision: str, batch_size: int, prep_workers: int = 1):
         if prep_workers < 1:
@@ -709,7 +710,6 @@ class TorchEmbedder(BatchEmbedder):
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
         self._network: Callable[[torch.Tensor], torch.Tensor] = self.model
-        self.compile_s: float | None = None  # seconds spent compiling, None when eager
         if compile:
             self._compile()
 
@@ -1031,8 +1031,7 @@ def resolve_compile(compile: str, device: str, precision: str) -> bool:
     to pay for its start-up, bf16 on a CPU (from JPEG bytes, ResNet-50 1.6-1.9x eager and Lite2 R-MAC 1.8x
     on AMX, for 35-52 s of compiling: docs/benchmarks.md). On CUDA the embed path is bound by decoding,
     not the network, so it stays eager there unless asked."""
-    if compile not in COMPILE_CHOICES:
-        raise ValueError(f"compile must be auto, on or off, not {compile!r}")
+    check_compile(compile)
     if compile != "auto":
         return compile == "on"
     if not (torch.device(device).type == "cpu" and precision == "bf16"):
@@ -1042,6 +1041,11 @@ def resolve_compile(compile: str, device: str, precision: str) -> bool:
                     "none was found (install g++ or set CXX)")
         return False
     return True
+
+
+def check_compile(compile: str) -> None:
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be auto, on or off, not {compile!r}")
 
 
 def cxx_compiler_found() -> bool:
@@ -1087,8 +1091,7 @@ def load_embedder(
         raise ValueError(f"precision must be auto, fp32, bf16 or int8, not {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if compile not in COMPILE_CHOICES:  # fails before the weights load
-        raise ValueError(f"compile must be auto, on or off, not {compile!r}")
+    check_compile(compile)  # fails before the weights load
     if batch_size < 0:
         raise ValueError("batch_size must be >= 1, or 0 for the device's default")
     batch_size = batch_size or default_batch_size(device)
@@ -1104,7 +1107,16 @@ def load_embedder(
         precision = auto_precision(device, runtime, spec, model, digest)
     runtime = choose_runtime(runtime, torch.device(device).type, precision)
     log.info("embedder %s loaded from %s on %s/%s (%s)", spec.id, path, device, precision, runtime)
-    if runtime == "onnx":
+    return build_embedder(spec, model, device, precision, batch_size, runtime, compile, cache_dir, digest)
+
+
+def build_embedder(spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str, batch_size: int,
+                   runtime: str = "auto", compile: str = "off", cache_dir: Path | None = None,
+                   digest: str | None = None) -> BatchEmbedder:
+    """The embedder of ``runtime`` (``choose_runtime``'s) for a built network, compiled as ``compile`` says.
+
+    A compile that fails under ``auto`` leaves the network eager (logged); under ``on`` it fails the load."""
+    if choose_runtime(runtime, torch.device(device).type, precision) == "onnx":
         return OnnxEmbedder(spec, model, batch_size, cache_dir, precision, digest)
     compiled = resolve_compile(compile, device, precision)
     try:
