@@ -691,12 +691,17 @@ class TorchEmbedder(BatchEmbedder):
     the batch before; thumbnails are JPEG-encoded by libjpeg-turbo in ``THUMBNAIL_LANES``
     threads while the workers go on. PIL images (``embed``) travel as pinned uint8, copied
     non-blocking. ``decode="device"`` takes the tensor path on the CPU too (tests run it there).
+
+    The network runs in one thread of the embedder's own, whichever thread calls ``features``.
+    ``warm_up`` runs every bucket through it at construction (``build_embedder`` does on CUDA),
+    ``compile`` compiles it there.
     """
 
     runtime = "torch"
 
     def __init__(self, spec: EmbedderSpec, model: torch.nn.Module, device: str, precision: str,
-                 batch_size: int = 32, decode: str = "auto", prep_workers: int = 0, compile: bool = False):
+                 batch_size: int = 32, decode: str = "auto", prep_workers: int = 0, compile: bool = False,
+                 warm_up: bool = False):
         on_cuda = torch.device(device).type == "cuda"
         super().__init__(spec, device, precision, batch_size, prep_workers or default_prep_workers(device))
         if decode not in ("auto", "pil", "device"):
@@ -710,8 +715,15 @@ class TorchEmbedder(BatchEmbedder):
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
         self._network: Callable[[torch.Tensor], torch.Tensor] = self.model
+        # One thread runs the network, whichever lane (index, search) asks. PyTorch caches cuDNN's
+        # execution plans per thread (thread_local in ATen's Conv_v8.cpp), so each lane used to build
+        # its own at its first batch of each size, seconds of CPU each: the one-process stack on an
+        # H100 sat 13 of 15 s in them (docs/benchmarks.md).
+        self._network_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-network-{spec.id}")
         if compile:
-            self._compile()
+            self._network_thread.submit(self._compile).result()
+        elif warm_up:
+            self._network_thread.submit(self._warm_up).result()
 
     def buckets(self) -> list[int]:
         """The batch sizes the network runs at on CUDA or compiled: powers of two up to ``batch_size``, and it.
@@ -732,20 +744,35 @@ class TorchEmbedder(BatchEmbedder):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
         started = time.perf_counter()
         network = torch.compile(self.model, dynamic=False)
-        crop = self.spec.preprocessing.crop
         # Compiling happens at these first calls. (torch.compile's options={"freezing": True} did not
         # freeze: 97 img/s against 168 with the config patched, ResNet-50 bf16, 2026-11-27.)
         # Random pixels, not zeros: compiled on zeros the same graph ran at half the speed (82-92
         # against 146-155 img/s, ResNet-50 bf16, alternated runs, 2026-11-27).
-        pixels = torch.randint(0, 256, (self.batch_size, crop, crop, 3), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(0)).to(self.device)
         with torch._inductor.config.patch(freezing=True):
-            for size in sizes:
-                with self._inference():
-                    network(pixels[:size])
+            self._run_every_bucket(network)
         self._network = network
         self.compile_s = time.perf_counter() - started
         log.info("embedder %s compiled for batches of %s in %.1f s", self.spec.id, sizes, self.compile_s)
+
+    def _warm_up(self) -> None:
+        """Run every bucket once (CUDA), so cuDNN picks and builds its plans now, not at a shopper's search."""
+        started = time.perf_counter()
+        self._run_every_bucket(self._network)
+        log.info("embedder %s warmed up for batches of %s in %.1f s", self.spec.id, self.buckets(),
+                 time.perf_counter() - started)
+
+    def _run_every_bucket(self, network: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """``network`` on seeded random pixels at every bucket's size, in this (the network's) thread."""
+        crop = self.spec.preprocessing.crop
+        with self._inference():
+            # Made in inference mode, as features() hands its batches over: Dynamo's guards tell an
+            # inference tensor from a normal one, and a mismatch recompiles every bucket at first use.
+            pixels = torch.randint(0, 256, (self.batch_size, crop, crop, 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0)).to(self.device)
+            for size in self.buckets():
+                network(pixels[:size])
+            if self._on_cuda:
+                torch.cuda.synchronize(self.device)
 
     def _inference(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
@@ -755,19 +782,30 @@ class TorchEmbedder(BatchEmbedder):
         return stack
 
     def features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
-        rows = len(x)
+        rows = len(pixels)
         if rows > self.batch_size:  # one job with more boxes than a batch holds
-            return np.concatenate([self.features(x[s : s + self.batch_size]) for s in range(0, rows, self.batch_size)])
-        if self._on_cuda:
-            if x.device.type == "cpu":
-                x = x.pin_memory()
-            x = x.to(self.device, non_blocking=True)
-        if self._on_cuda or self.compile_s is not None:
-            bucket = min(1 << (rows - 1).bit_length(), self.batch_size)
-            if bucket > rows:
-                x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
+            return np.concatenate([self.features(pixels[s : s + self.batch_size])
+                                   for s in range(0, rows, self.batch_size)])
+        return self._network_thread.submit(self._features, pixels).result()
+
+    def _features(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """One batch of at most ``batch_size`` rows through the network, in the network's thread."""
+        rows = len(pixels)
         with self._inference():
+            # One form of input whatever the source (numpy pixels, from_numpy here; the decode workers'
+            # NCHW-backed views; a caller's tensor): an inference tensor, contiguous (N, H, W, 3), as
+            # the compiled graphs were traced on (_compile), whose guards recompile on any other.
+            x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+            if not (x.is_inference() and x.is_contiguous()):
+                x = x.clone(memory_format=torch.contiguous_format)
+            if self._on_cuda:
+                if x.device.type == "cpu":
+                    x = x.pin_memory()
+                x = x.to(self.device, non_blocking=True)
+            if self._on_cuda or self.compile_s is not None:
+                bucket = min(1 << (rows - 1).bit_length(), self.batch_size)
+                if bucket > rows:
+                    x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
             # .cpu() waits for the batch, so the pixels (made on the decode stream) are free after it.
             return self._network(x).float()[:rows].cpu().numpy()
 
@@ -1119,10 +1157,11 @@ def build_embedder(spec: EmbedderSpec, model: torch.nn.Module, device: str, prec
     if choose_runtime(runtime, torch.device(device).type, precision) == "onnx":
         return OnnxEmbedder(spec, model, batch_size, cache_dir, precision, digest)
     compiled = resolve_compile(compile, device, precision)
+    warm_up = torch.device(device).type == "cuda"  # cuDNN's plans for every bucket before the first batch
     try:
-        return TorchEmbedder(spec, model, device, precision, batch_size, compile=compiled)
+        return TorchEmbedder(spec, model, device, precision, batch_size, compile=compiled, warm_up=warm_up)
     except Exception as e:  # noqa: BLE001 - Inductor fails in many ways (compiler, codegen); eager still runs
         if not compiled or compile == "on":
             raise
         log.warning("%s runs eager: torch.compile failed (%s: %s)", spec.id, type(e).__name__, str(e)[:300])
-        return TorchEmbedder(spec, model, device, precision, batch_size)
+        return TorchEmbedder(spec, model, device, precision, batch_size, warm_up=warm_up)

@@ -341,6 +341,31 @@ def test_jobs_embed_the_boxes_of_stored_jpegs_like_cropped_images(decode, worker
     assert results[1].thumbnail is None
 
 
+def test_the_network_runs_in_one_thread_whichever_lane_asks():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lookalike.shared.embedders import TorchEmbedder
+
+    spec = REGISTRY["efficientnet_lite0"]
+    model = spec.build(spec.find_weights(None, allow_download=False))
+    ran = []  # (thread, batch size) of every pass through the network
+    model.register_forward_pre_hook(lambda module, args: ran.append((threading.current_thread().name, len(args[0]))))
+    # GIVEN an embedder warmed up at start-up, as load_embedder does on CUDA (every batch size it will run)
+    emb = TorchEmbedder(spec, model, "cpu", "fp32", batch_size=4, warm_up=True)
+    assert sorted(size for _, size in ran) == emb.buckets() == [1, 2, 4]
+    pixels = np.random.default_rng(0).integers(0, 256, (3, spec.preprocessing.crop, spec.preprocessing.crop, 3),
+                                               dtype=np.uint8)
+    # WHEN the index lane, the search lane and a caller ask for vectors at once, twice each
+    with ThreadPoolExecutor(3, thread_name_prefix="lane") as lanes:
+        rows = list(lanes.map(lambda _: emb.features(pixels), range(6)))
+    # THEN the warm-up and every batch ran in one thread of the embedder's own: PyTorch keeps cuDNN's
+    # plans per thread, so on a GPU the plans built at start-up were rebuilt in each lane, seconds
+    # per batch size, and the first searches waited for them
+    assert len(ran) == 3 + 6 and len({name for name, _ in ran}) == 1 and ran[0][0].startswith("embed-network")
+    assert all(np.allclose(r, rows[0], atol=1e-5) for r in rows)
+
+
 def test_device_decoding_refuses_what_pil_decoding_refuses(monkeypatch):
     from lookalike.shared import images
     from lookalike.shared.embedders import TorchEmbedder
@@ -398,7 +423,9 @@ def test_images_the_device_decoder_refuses_are_decoded_by_pil(monkeypatch):
 
 
 @pytest.mark.skipif(not embedders.cxx_compiler_found(), reason="torch.compile needs a C++ compiler (g++) on the CPU")
-def test_compiled_network_gives_the_eager_vectors_for_every_batch_size(sample_catalog):
+def test_compiled_network_gives_the_eager_vectors_for_every_batch_size(sample_catalog, monkeypatch):
+    import threading
+
     from lookalike.shared.embedders import TorchEmbedder, bf16_supported
     from lookalike.shared.embedding import ImageJob
     from lookalike.shared.messages import Box
@@ -408,18 +435,34 @@ def test_compiled_network_gives_the_eager_vectors_for_every_batch_size(sample_ca
     precision = "bf16" if bf16_supported("cpu") else "fp32"  # bf16: what EMBED_COMPILE=auto compiles
     # GIVEN the network compiled for batches of up to 4 (so for 1, 2 and 4, padded up to them), and
     # the same weights eager
+    ran = []  # (embedder, step, thread) of the compile's runs and of each batch
+    for step in ("_run_every_bucket", "_features"):
+        original = getattr(TorchEmbedder, step)
+        monkeypatch.setattr(TorchEmbedder, step, lambda self, *a, _f=original, _s=step: (
+            ran.append((self, _s, threading.current_thread().name)), _f(self, *a))[1])
     compiled = TorchEmbedder(spec, model, "cpu", precision, batch_size=4, compile=True)
     eager = TorchEmbedder(spec, model, "cpu", precision, batch_size=4)
     assert compiled.compile_s is not None and eager.compile_s is None
     assert compiled.buckets() == [1, 2, 4]
     # WHEN photos go through in batches of 4, 3 (padded) and 1, and a job with more boxes than a batch
     images = _catalogue_photos(sample_catalog)
-    got = [compiled.embed(images[:8]), compiled.embed(images[:3]), compiled.embed(images[:1])]
     want = [eager.embed(images[:8]), eager.embed(images[:3]), eager.embed(images[:1])]
     data = _jpeg(images[0])
     boxes = [Box(x1=0, y1=0, x2=images[0].width, y2=images[0].height)] * 3 + [Box(x1=10, y1=10, x2=120, y2=90)] * 3
-    [job] = compiled.embed_jobs([ImageJob(data, boxes)])
+    eager.decode = "device"
     [eager_job] = eager.embed_jobs([ImageJob(data, boxes)])
+    # (no batch compiles again, whatever kind of tensor reaches the network: numpy pixels, the
+    # GPU path's decode workers' inference tensors (decode="device" runs that path on the CPU), or
+    # a caller's own tensor; before, the CUDA path recompiled every bucket at its first batch)
+    compiled.decode = "device"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = [compiled.embed(images[:8]), compiled.embed(images[:3]), compiled.embed(images[:1])]
+        [job] = compiled.embed_jobs([ImageJob(data, boxes)])
+        compiled.features(torch.from_numpy(np.stack([spec.preprocessing.pixels(im) for im in images[:2]])))
+    # (and every batch ran in the thread the compile ran in, where the backends' per-thread caches were filled)
+    steps = [(s, name) for emb, s, name in ran if emb is compiled]
+    assert {s for s, _ in steps} == {"_run_every_bucket", "_features"}
+    assert len({name for _, name in steps}) == 1 and steps[0][1].startswith("embed-network")
     # THEN every row matches the eager network's: in fp32 only the order of the arithmetic differs;
     # in bf16 the batch norms, folded into the convolutions, round differently too (Lite0 moves most:
     # cosine 0.9954 to eager on these renders, docs/benchmarks.md)
