@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 
 from lookalike.evaluation import embed_paths, read_labelled_csv, retrieval_metrics, top_boxes  # noqa: E402
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/cpu_profile.py` finds the bench package
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/cpu_profile.py` finds the bench package
 
 from bench.gpu_embed import thread_cpu  # noqa: E402
 from bench.scale import cpu_seconds, machine_busy_seconds  # noqa: E402

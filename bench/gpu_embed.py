@@ -344,7 +344,7 @@ def main() -> None:
     out["embed.speedup"] = round(out["embed.batched_img_per_s"] / out["embed.naive_img_per_s"], 1)
     out["speedup_vs_seed"] = round(out["embed.batched_img_per_s"] / out["seed_img_per_s"], 1)
     flops = flops_per_image(copy.deepcopy(model).eval(), spec.preprocessing.crop)
-    peak = matmul_peak_flops(torch.bfloat16, device, n=8192 if device == "cuda" else 2048)
+    peak = matmul_peak_flops(torch.bfloat16, device)
     out["embed.gflop_per_image"] = round(flops / 1e9, 2)
     out["embed.matmul_peak_tflops"] = round(peak / 1e12, 1)
     out["embed.peak_fraction"] = round(out["embed.batched_img_per_s"] * flops / peak, 3)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 
 from bench.grocery_csvs import DEFAULT_DATA, class_names  # noqa: E402
 from lookalike.evaluation import SPLIT_MARK  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 
 from lookalike.evaluation import read_labelled_csv, retrieval_metrics  # noqa: E402
 from lookalike.finetune import FinetuneConfig, _series_holdout  # noqa: E402

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/pipeline.py` finds the bench package
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/pipeline.py` finds the bench package
 
 from bench import embed as embed_bench  # noqa: E402
 from lookalike.client import Client, read_catalog  # noqa: E402

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 
 from lookalike.evaluation import _load_images, read_labelled_csv, retrieval_metrics  # noqa: E402
 from lookalike.shared.embedders import (  # noqa: E402
