@@ -740,7 +740,8 @@ class TorchEmbedder(BatchEmbedder):
         /tmp/torchinductor_<user>), so a restart compiles in about half the time.
         """
         sizes = self.buckets()
-        # one compiled graph per bucket (the default limit, 8, would leave batches of 256 eager)
+        # one compiled graph per bucket (the default limit, 8, would leave batches of 256 eager);
+        # Dynamo's settings are per thread, and this runs in the network's thread, where every batch runs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
         started = time.perf_counter()
         network = torch.compile(self.model, dynamic=False)
@@ -843,7 +844,9 @@ class TorchEmbedder(BatchEmbedder):
                 left, top, right, bottom = (round(v) for v in pre.crop_box(x2 - x1, y2 - y1))
                 squares.append(image[:, y1 + top : y1 + max(bottom, top + 1), x1 + left : x1 + max(right, left + 1)])
                 owners.append(j)
-        prepared.pixels = _resized(squares, lambda _: (pre.crop, pre.crop), pre.interpolation).permute(0, 2, 3, 1)
+        # contiguous NHWC here, on this worker's stream, as the network takes it (features())
+        squares_nchw = _resized(squares, lambda _: (pre.crop, pre.crop), pre.interpolation)
+        prepared.pixels = squares_nchw.permute(0, 2, 3, 1).contiguous()
         prepared.owners = owners
         wanted = [j for j, job in enumerate(jobs) if j in images and job.thumbnail_side]
         if wanted:

@@ -455,10 +455,12 @@ def test_compiled_network_gives_the_eager_vectors_for_every_batch_size(sample_ca
     # GPU path's decode workers' inference tensors (decode="device" runs that path on the CPU), or
     # a caller's own tensor; before, the CUDA path recompiled every bucket at its first batch)
     compiled.decode = "device"
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = [compiled.embed(images[:8]), compiled.embed(images[:3]), compiled.embed(images[:1])]
-        [job] = compiled.embed_jobs([ImageJob(data, boxes)])
-        compiled.features(torch.from_numpy(np.stack([spec.preprocessing.pixels(im) for im in images[:2]])))
+    # (counted, not patched: Dynamo's config patches hold in the patching thread alone)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = [compiled.embed(images[:8]), compiled.embed(images[:3]), compiled.embed(images[:1])]
+    [job] = compiled.embed_jobs([ImageJob(data, boxes)])
+    compiled.features(torch.from_numpy(np.stack([spec.preprocessing.pixels(im) for im in images[:2]])))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     # (and every batch ran in the thread the compile ran in, where the backends' per-thread caches were filled)
     steps = [(s, name) for emb, s, name in ran if emb is compiled]
     assert {s for s, _ in steps} == {"_run_every_bucket", "_features"}
