@@ -75,15 +75,16 @@ def model_for(model_id: str) -> torch.nn.Module:
             return spec.build(path)
 
 
-def matmul_peak_flops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_flops(dtype: torch.dtype, device: str, n: int = 0, repeats: int = 5) -> float:
     """Operations per second of an n^3 GEMM in ``dtype`` (int8: int8 x int8 -> int32, ``torch._int_mm``).
 
-    On CUDA an 8192^3 GEMM, ten to a timing: one 2048^3 GEMM lasts about 50 us on an H100, so
-    launch and synchronisation took half of each timing (333-352 TFLOP/s in the runs of
-    2026-11-26/27, 98 in one right after a compile, against about 800 for 8192^3).
+    ``n`` 0: 2048 on the CPU; on CUDA 8192, ten GEMMs to a timing: one 2048^3 GEMM lasts about
+    50 us on an H100, so launch and synchronisation took half of each timing (333-352 TFLOP/s in
+    the runs of 2026-11-26/27, 98 in one right after a compile, against about 800 for 8192^3).
     """
     cuda = torch.device(device).type == "cuda"
-    n, batch = (8192, 10) if cuda else (n, 1)
+    n = n or (8192 if cuda else 2048)
+    batch = 10 if cuda else 1
     if dtype == torch.int8:
         a = torch.randint(-128, 128, (n, n), dtype=dtype, device=device)
         b = torch.randint(-128, 128, (n, n), dtype=dtype, device=device)
