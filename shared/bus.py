@@ -233,8 +233,9 @@ def make_consumer(
         heartbeat_interval_ms=max(500, session_timeout_ms // 5),
         max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
         fetch_max_bytes=16 * MAX_MESSAGE_BYTES,
-        # The broker holds an empty fetch this long; every pipeline stage pays it once per
-        # message when idle, so it bounds search latency (kafka-python's default is 500 ms).
+        # The broker holds an empty fetch up to this long (FETCH_MAX_WAIT_MS; kafka-python's default
+        # is 500 ms). Tansu looks for records only now and then within it, so on the embedded
+        # broker it sets each hop's pickup time, and how often an idle consumer fetches.
         fetch_max_wait_ms=fetch_max_wait_ms,
         # Only ensure_topics creates topics (with our partition count and size limit): a consumer
         # of a broker that lost its topics must not recreate them with the broker's defaults.
@@ -288,7 +289,7 @@ def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> 
     The end is resolved before returning, so whatever is published afterwards (e.g. the
     answer to a request sent next) is read, and nothing from before."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, client_id=client_id, **kafka_options())
+                             fetch_max_wait_ms=Settings().fetch_max_wait_ms, client_id=client_id, **kafka_options())
     # Not seek_to_end: on Tansu its end can lie inside the last record batch (see end_offsets).
     for tp, end in end_offsets(consumer, topics).items():
         consumer.seek(tp, end)

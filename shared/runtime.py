@@ -165,6 +165,7 @@ class Runner:
 
     def __init__(self, function: Function, bootstrap_servers: str, *, lane: str = "", poll_max_records: int = 128,
                  poll_timeout_ms: int = 200, batch_max_wait_ms: int = 0, session_timeout_ms: int = 10000,
+                 fetch_max_wait_ms: int = 50,
                  max_attempts: int = 3, backoff_max_s: float = 30.0, consumer_factory: Callable | None = None,
                  producer_factory: Callable | None = None, leave_group_on_close: bool = True):
         self.function = function
@@ -187,7 +188,7 @@ class Runner:
         self.leave_group_on_close = leave_group_on_close
         self._consumer_factory = consumer_factory or (
             lambda: make_consumer(self.bootstrap_servers, self.group_id, list(self.routes), self.session_timeout_ms,
-                                  client_id=f"lookalike-{self.name}"))
+                                  client_id=f"lookalike-{self.name}", fetch_max_wait_ms=fetch_max_wait_ms))
         self._producer_factory = producer_factory or (
             lambda: make_producer(self.bootstrap_servers, client_id=f"lookalike-{self.name}"))
         self._stop = threading.Event()
@@ -204,7 +205,7 @@ class Runner:
         return cls(function, bootstrap_servers, lane=lane, leave_group_on_close=leave_group_on_close,
                    poll_max_records=settings.poll_max_records,
                    poll_timeout_ms=settings.poll_timeout_ms, batch_max_wait_ms=settings.batch_max_wait_ms,
-                   session_timeout_ms=settings.session_timeout_ms,
+                   session_timeout_ms=settings.session_timeout_ms, fetch_max_wait_ms=settings.fetch_max_wait_ms,
                    max_attempts=settings.max_attempts, backoff_max_s=settings.backoff_max_s)
 
     def stop(self) -> None:

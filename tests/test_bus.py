@@ -84,3 +84,42 @@ def test_end_offsets_lag_and_tails_count_records_that_share_a_batch(kafka_bootst
     finally:
         producer.close()
         reader.close()
+
+
+def test_the_fetch_wait_setting_reaches_every_consumer_the_product_opens(kafka_bootstrap, tmp_path, monkeypatch):
+    """FETCH_MAX_WAIT_MS is how long the broker may hold an empty fetch: on Tansu it sets each hop's
+    pickup time and the idle consumers' CPU, on Kafka only how often an idle consumer asks."""
+    import pydantic
+
+    from lookalike.shared.bus import ensure_topics, tail_consumer
+    from lookalike.shared.config import Settings
+    from lookalike.shared.messages import QUERY_VECTORS, SEARCH_RESULTS, QueryVectors
+    from lookalike.shared.runtime import Function, Route, Runner
+    from tests.conftest import make_settings
+
+    class Listens(Function):
+        name = "listens"
+
+        def routes(self) -> list[Route]:
+            return [Route(QUERY_VECTORS, QueryVectors, lambda msg: [])]
+
+    ensure_topics(kafka_bootstrap, 1)
+    # GIVEN a setting other than the default, in the settings object and in the environment
+    settings = make_settings(tmp_path, fetch_max_wait_ms=400)
+    monkeypatch.setenv("FETCH_MAX_WAIT_MS", "300")
+    # THEN a function's lane fetches with it
+    runner = Runner.from_settings(Listens(), settings, kafka_bootstrap)
+    consumer = runner._consumer_factory()
+    try:
+        assert consumer.config["fetch_max_wait_ms"] == 400
+    finally:
+        consumer.close(autocommit=False)
+    # AND so do the reply listeners (gateway, CLI), which take it from the environment
+    tail = tail_consumer(kafka_bootstrap, [SEARCH_RESULTS], "test-tail")
+    try:
+        assert tail.config["fetch_max_wait_ms"] == 300
+    finally:
+        tail.close(autocommit=False)
+    # AND a wait of 0, which would make Tansu answer every fetch at once (a busy loop), is refused
+    with pytest.raises(pydantic.ValidationError, match="fetch_max_wait_ms"):
+        Settings(fetch_max_wait_ms=0)
