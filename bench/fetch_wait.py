@@ -5,9 +5,10 @@
 For each wait W:
 
 - **pickup**: one consumer (``make_consumer``, polling as the runner does) alone on a fresh topic of
-  one partition; ``--records`` records produced one at a time at random gaps of 50-150 ms; the time
-  from just before each send to the consumer's poll returning it. Median and p95, ms.
-- **idle**: the one-process stack (the default model, detection off) with every consumer at W,
+  one partition; ``--records`` records produced one at a time, each after a random gap of 50 ms
+  to 50 ms + 2 W (so it lands anywhere in the consumer's held fetch); the time from just before
+  each send to the consumer's poll returning it. Median and p95, ms.
+- **idle**: the one-process stack (the default model, detection off) with every function lane at W,
   after a 5 s settle, doing nothing for ``--idle-s`` seconds: the CPU of this process and of
   the broker, in % of a core (Linux /proc). Only on the embedded broker.
 
@@ -48,6 +49,7 @@ def pickups(bootstrap: str, wait_ms: int, records: int, seed: int = 0) -> list[f
     sent: dict[int, float] = {}
     got: dict[int, float] = {}
     stop = threading.Event()
+    reader: threading.Thread | None = None
 
     def consume() -> None:
         while not stop.is_set():
@@ -66,7 +68,7 @@ def pickups(bootstrap: str, wait_ms: int, records: int, seed: int = 0) -> list[f
         reader.start()
         rng = random.Random(seed)
         for i in range(records):
-            time.sleep(rng.uniform(0.05, 0.15))  # the consumer's fetch is somewhere in its wait
+            time.sleep(rng.uniform(0.05, 0.05 + 2 * wait_ms / 1000))  # anywhere in the consumer's held fetch
             sent[i] = time.perf_counter()
             producer.send(topic, str(i).encode())
             producer.flush(timeout=10)
@@ -75,6 +77,8 @@ def pickups(bootstrap: str, wait_ms: int, records: int, seed: int = 0) -> list[f
             time.sleep(0.01)
     finally:
         stop.set()
+        if reader is not None:
+            reader.join(timeout=5)  # the consumer is not thread-safe: its poll ends before the close
         producer.close(timeout=5)
         consumer.close(autocommit=False)
     if len(got) < records:
@@ -86,11 +90,10 @@ def idle_cpu(wait_ms: int, idle_s: float) -> dict:
     """% of a core the idle one-process stack and its broker use with every consumer at ``wait_ms``."""
     from lookalike.stack import Stack
 
-    # The reply listeners (gateway, CLI) read the wait from the environment.
-    os.environ["FETCH_MAX_WAIT_MS"] = str(wait_ms)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), detect_weights="none",
-                            fetch_max_wait_ms=wait_ms)
+        # The embedded broker and the default model, whatever the environment says.
+        settings = Settings(LOOKALIKE_DATA_DIR=str(Path(tmp) / "data"), kafka_bootstrap_servers="",
+                            embed_model="auto", detect_weights="none", fetch_max_wait_ms=wait_ms)
         with Stack(settings) as stack:
             time.sleep(5)  # the groups join and the first fetches settle
             broker = stack.broker.process.pid

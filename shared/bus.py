@@ -288,8 +288,10 @@ def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> 
 
     The end is resolved before returning, so whatever is published afterwards (e.g. the
     answer to a request sent next) is read, and nothing from before."""
+    # 50 ms, not FETCH_MAX_WAIT_MS: end_offsets below waits for an empty fetch at the end, so a
+    # long wait (500 on Kafka) would delay every listener's start by as much.
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             fetch_max_wait_ms=Settings().fetch_max_wait_ms, client_id=client_id, **kafka_options())
+                             fetch_max_wait_ms=50, client_id=client_id, **kafka_options())
     # Not seek_to_end: on Tansu its end can lie inside the last record batch (see end_offsets).
     for tp, end in end_offsets(consumer, topics).items():
         consumer.seek(tp, end)

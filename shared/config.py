@@ -80,12 +80,13 @@ class Settings(BaseSettings):
     # bounded by the fetch sizes (MAX_MESSAGE_BYTES a partition, 16 times that a fetch), not by this.
     poll_max_records: int = 128
     poll_timeout_ms: int = 200
-    # How long the broker may hold an empty fetch. The embedded Tansu broker does not answer a held
-    # fetch when a record arrives: it looks again after half the wait left, so a record waits
+    # How long the broker may hold a function lane's empty fetch. The embedded Tansu broker does not
+    # answer a held fetch when a record arrives: it looks again after half the wait left, so a record waits
     # about a sixth of this at every hop, and every idle consumer fetches this often (CPU).
     # A Kafka broker answers at once, so there a longer wait (kafka-python's 500) costs nothing
     # and saves the idle fetches (docs/benchmarks.md, "The embedded broker's fetch wait").
-    fetch_max_wait_ms: int = Field(default=50, ge=1, le=60000)
+    # At most 10 s: kafka-python refuses a wait that reaches its request timeout (30 s).
+    fetch_max_wait_ms: int = Field(default=50, ge=1, le=10000)
     # A batch function (embed) may wait up to this long after its first record for a fuller
     # batch (up to POLL_MAX_RECORDS); the others handle what one poll returns. Off by default:
     # 50 ms bought no indexing throughput here and added ~45 ms to every search (benchmarks.md).

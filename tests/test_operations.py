@@ -72,6 +72,35 @@ def test_security_settings_reach_every_kafka_client_the_library_makes(monkeypatc
         assert config["ssl_cafile"] == "/etc/ssl/cluster-ca.pem"
 
 
+def test_the_fetch_wait_setting_reaches_every_function_lanes_consumer(monkeypatch, tmp_path):
+    """FETCH_MAX_WAIT_MS: how long the broker may hold a lane's empty fetch (on the embedded Tansu
+    each hop's pickup time and the idle lanes' CPU; on Kafka only how often an idle lane asks)."""
+    import pydantic
+
+    from lookalike.shared.messages import QUERY_VECTORS, QueryVectors
+    from tests.conftest import make_settings
+
+    class Listens(Function):
+        name = "listens"
+
+        def routes(self) -> list[Route]:
+            return [Route(QUERY_VECTORS, QueryVectors, lambda msg: [])]
+
+    Recorder.made = []
+    monkeypatch.setattr(bus, "KafkaConsumer", type("KafkaConsumer", (Recorder,), {}))
+    # GIVEN a wait other than the default (Kafka's manifests set 500)
+    settings = make_settings(tmp_path, fetch_max_wait_ms=500)
+    # WHEN a function lane opens its consumer
+    Runner.from_settings(Listens(), settings, "broker:9096")._consumer_factory()
+    # THEN the consumer asks the broker to hold empty fetches that long
+    assert [config["fetch_max_wait_ms"] for _, config in Recorder.made] == [500]
+    # AND a wait of 0 (Tansu would answer every fetch at once: a busy loop) or one that reaches
+    # kafka-python's request timeout (30 s: every consumer would be refused) is not accepted
+    for wait in (0, 30000):
+        with pytest.raises(pydantic.ValidationError, match="fetch_max_wait_ms"):
+            Settings(fetch_max_wait_ms=wait)
+
+
 def test_every_kafka_client_in_the_code_takes_the_security_options():
     # A new KafkaConsumer(...) somewhere that forgets **kafka_options() would connect in plaintext.
     missing = []
