@@ -87,7 +87,7 @@ def pickups(bootstrap: str, wait_ms: int, records: int, seed: int = 0) -> list[f
 
 
 def idle_cpu(wait_ms: int, idle_s: float) -> dict:
-    """% of a core the idle one-process stack and its broker use with every consumer at ``wait_ms``."""
+    """% of a core the idle one-process stack and its broker use with every function lane at ``wait_ms``."""
     from lookalike.stack import Stack
 
     with tempfile.TemporaryDirectory() as tmp:

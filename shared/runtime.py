@@ -181,6 +181,7 @@ class Runner:
         # holds poll_max_records: the embedder's batches form across polls, not per poll.
         self.batch_max_wait_ms = batch_max_wait_ms if any(r.batch for r in self.routes.values()) else 0
         self.session_timeout_ms = session_timeout_ms
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.max_attempts = max_attempts
         self.backoff_max_s = backoff_max_s
         self.group_id = consumer_group(function.name, lane)
@@ -188,7 +189,7 @@ class Runner:
         self.leave_group_on_close = leave_group_on_close
         self._consumer_factory = consumer_factory or (
             lambda: make_consumer(self.bootstrap_servers, self.group_id, list(self.routes), self.session_timeout_ms,
-                                  client_id=f"lookalike-{self.name}", fetch_max_wait_ms=fetch_max_wait_ms))
+                                  client_id=f"lookalike-{self.name}", fetch_max_wait_ms=self.fetch_max_wait_ms))
         self._producer_factory = producer_factory or (
             lambda: make_producer(self.bootstrap_servers, client_id=f"lookalike-{self.name}"))
         self._stop = threading.Event()

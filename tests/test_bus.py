@@ -84,4 +84,3 @@ def test_end_offsets_lag_and_tails_count_records_that_share_a_batch(kafka_bootst
     finally:
         producer.close()
         reader.close()
-
