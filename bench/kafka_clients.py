@@ -1,0 +1,301 @@
+"""kafka-python against librdkafka (confluent-kafka) on the embedded broker: ``python -m bench.kafka_clients``.
+
+    pip install -e '.[bench]'    # confluent-kafka: only this benchmark uses it
+    python -m bench.kafka_clients [--consumers 5] [--idle-s 10] [--records 1500] [--size 60000] [--pairs 3]
+
+The product's Kafka client is kafka-python, pure Python. This measures what librdkafka, which does a
+client's work in C threads outside the GIL, would save on the embedded Tansu broker:
+
+- **idle**: ``--consumers`` group consumers, one topic of 4 partitions each, nothing to read, at the
+  product's fetch wait (50 ms), for ``--idle-s`` seconds: the CPU of this process and of the broker,
+  in % of a core. The function lanes that wait for work (a search lane while the catalogue indexes)
+  are such consumers.
+- **relay**: ``--records`` records of ``--size`` bytes (about an ingested photo's message) consumed
+  from one topic and produced to another in batches of up to 128, flushed and committed per batch,
+  as a function's hop does: CPU ms per record, and records per second.
+- **departed leader**: whether Tansu's group still forms when a librdkafka member that leads it
+  stops during a rebalance (``departed_leader`` below; the product's kafka-python members close
+  without LeaveGroup there, ``bus.close_consumer``).
+- **stack** (``--pairs`` > 0): ``bench.pipeline`` (100 products, 4 photos, 10 searches, the default
+  model, with its standalone baseline), alternating the product as it is with the same product
+  whose function lanes consume through librdkafka (``LibrdkafkaLaneConsumer`` below, swapped in for
+  ``make_consumer``; producers and every other client stay kafka-python).
+
+``LibrdkafkaLaneConsumer`` is this experiment's adapter, not the product: it has no TLS/SASL options,
+no check for recreated topics and no Tansu leave-group workaround (see ``shared/bus.py``). Ends with
+one JSON line. Figures: docs/benchmarks.md ("The Kafka client's share").
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/kafka_clients.py` finds the bench package
+
+from kafka import TopicPartition  # noqa: E402
+from kafka.structs import OffsetAndMetadata  # noqa: E402
+
+from bench.scale import cpu_seconds  # noqa: E402
+from lookalike.shared import runtime  # noqa: E402
+from lookalike.shared.bus import MAX_MESSAGE_BYTES, TansuBroker, ensure_topics, make_consumer, make_producer  # noqa: E402
+from lookalike.shared.logs import setup_logging  # noqa: E402
+
+try:
+    import confluent_kafka
+except ImportError:  # stated, not hidden: the benchmark's point is the comparison
+    sys.exit("bench.kafka_clients compares against librdkafka: pip install -e '.[bench]' (confluent-kafka)")
+
+FETCH_WAIT_MS = 50  # the product's default FETCH_MAX_WAIT_MS
+Record = collections.namedtuple("Record", "topic partition offset key value headers timestamp")
+
+
+def librdkafka_consumer(bootstrap: str, group_id: str, session_timeout_ms: int = 10000, client_id: str = "bench",
+                        fetch_max_wait_ms: int = FETCH_WAIT_MS, **extra) -> confluent_kafka.Consumer:
+    """A consumer configured as ``bus.make_consumer`` configures kafka-python's; ``extra``: more settings."""
+    return confluent_kafka.Consumer(extra | {
+        "bootstrap.servers": bootstrap, "group.id": group_id, "client.id": client_id,
+        "enable.auto.commit": False, "auto.offset.reset": "earliest",
+        "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
+        "fetch.wait.max.ms": fetch_max_wait_ms, "fetch.max.bytes": 16 * MAX_MESSAGE_BYTES,
+        "max.partition.fetch.bytes": MAX_MESSAGE_BYTES, "allow.auto.create.topics": False,
+        "log.connection.close": False,  # Tansu closes idle connections: not worth a line on stderr each time
+    })
+
+
+class LibrdkafkaLaneConsumer:
+    """The part of kafka-python's ``KafkaConsumer`` that ``Runner`` uses, on librdkafka (see the module docstring)."""
+
+    def __init__(self, bootstrap_servers: str, group_id: str, topics: list[str], session_timeout_ms: int = 10000,
+                 client_id: str = "bench", fetch_max_wait_ms: int = FETCH_WAIT_MS):
+        self._assigned: set[TopicPartition] = set()
+        self._consumer = librdkafka_consumer(bootstrap_servers, group_id, session_timeout_ms, client_id,
+                                             fetch_max_wait_ms)
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _on_assign(self, _consumer, partitions) -> None:
+        self._assigned = {TopicPartition(p.topic, p.partition) for p in partitions}
+
+    def _on_revoke(self, _consumer, _partitions) -> None:
+        self._assigned = set()
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Record]]:
+        # consume() waits until it has num_messages or the timeout passes: wait for one record,
+        # then take whatever else is already fetched.
+        messages = self._consumer.consume(num_messages=1, timeout=timeout_ms / 1000)
+        if messages and max_records > 1:
+            messages += self._consumer.consume(num_messages=max_records - 1, timeout=0)
+        polled: dict[TopicPartition, list[Record]] = collections.defaultdict(list)
+        for m in messages:
+            if m.error() is None:
+                polled[TopicPartition(m.topic(), m.partition())].append(Record(
+                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [], m.timestamp()[1]))
+        return dict(polled)
+
+    def assignment(self) -> set[TopicPartition]:
+        return self._assigned
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(confluent_kafka.TopicPartition(tp.topic, tp.partition, offset))
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self._consumer.pause([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self._consumer.resume([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
+
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self._consumer.commit(offsets=[confluent_kafka.TopicPartition(tp.topic, tp.partition, o.offset)
+                                       for tp, o in offsets.items()], asynchronous=False)
+
+    def close(self, autocommit: bool = False) -> None:
+        self._consumer.close()
+
+
+def _cpu_pct(pid: int, since: float, t0: float) -> float:
+    return round(100 * (cpu_seconds(pid) - since) / (time.monotonic() - t0), 1)
+
+
+def idle(client: str, bootstrap: str, broker_pid: int, consumers: int, idle_s: float) -> dict:
+    """% of a core this process and the broker use while ``consumers`` group consumers find nothing."""
+    topics = [f"idle-{client}-{uuid.uuid4().hex[:8]}" for _ in range(consumers)]
+    ensure_topics(bootstrap, 4, topics)
+    stop, assigned = threading.Event(), threading.Semaphore(0)
+
+    def kafka_python(topic: str) -> None:
+        consumer = make_consumer(bootstrap, f"{topic}-group", [topic], session_timeout_ms=6000)
+        announced = False
+        while not stop.is_set():
+            consumer.poll(timeout_ms=200, max_records=128)
+            if consumer.assignment() and not announced:
+                announced = True
+                assigned.release()
+        consumer.close(autocommit=False)
+
+    def librdkafka(topic: str) -> None:
+        consumer = LibrdkafkaLaneConsumer(bootstrap, f"{topic}-group", [topic], session_timeout_ms=6000)
+        announced = False
+        while not stop.is_set():
+            consumer.poll(timeout_ms=200, max_records=128)
+            if consumer.assignment() and not announced:
+                announced = True
+                assigned.release()
+        consumer.close()
+
+    threads = [threading.Thread(target=kafka_python if client == "kafka-python" else librdkafka, args=(t,),
+                                daemon=True) for t in topics]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for _ in topics:
+        if not assigned.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the idle consumers got no partitions in 60 s")
+    time.sleep(2)  # past the joins' and first fetches' work
+    process0, broker0, t0 = cpu_seconds(os.getpid()), cpu_seconds(broker_pid), time.monotonic()
+    time.sleep(idle_s)
+    result = {"process_pct": _cpu_pct(os.getpid(), process0, t0), "broker_pct": _cpu_pct(broker_pid, broker0, t0)}
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    return result
+
+
+def relay(client: str, bootstrap: str, records: int, size: int) -> dict:
+    """CPU per record of consuming, producing, flushing and committing ``records`` records, batch by batch."""
+    source, sink = f"relay-in-{uuid.uuid4().hex[:8]}", f"relay-out-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, 4, [source, sink])
+    payload = os.urandom(size)
+    feeder = make_producer(bootstrap, client_id="bench-relay-feeder")
+    for i in range(records):
+        feeder.send(source, key=str(i).encode(), value=payload)
+    feeder.flush()
+    feeder.close()
+    moved, started = 0, None
+    if client == "kafka-python":
+        consumer, producer = make_consumer(bootstrap, f"{source}-group", [source]), make_producer(bootstrap)
+    else:
+        consumer = LibrdkafkaLaneConsumer(bootstrap, f"{source}-group", [source])
+        producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 2,
+                                             "batch.size": MAX_MESSAGE_BYTES // 2,
+                                             "message.max.bytes": MAX_MESSAGE_BYTES, "log.connection.close": False})
+    deadline = time.monotonic() + 300
+    while moved < records and time.monotonic() < deadline:
+        polled = consumer.poll(timeout_ms=200, max_records=128)
+        if not polled:
+            continue
+        if started is None:  # the clock starts at the first batch: the group join is not a hop's cost
+            started = (cpu_seconds(os.getpid()), time.monotonic())
+        for batch in polled.values():
+            for r in batch:
+                if client == "kafka-python":
+                    producer.send(sink, key=r.key, value=r.value)
+                else:
+                    producer.produce(sink, key=r.key, value=r.value)
+                moved += 1
+        producer.flush(30)
+        consumer.commit({tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()})
+    if moved < records:
+        raise TimeoutError(f"relayed {moved} of {records} records in 300 s")
+    cpu, elapsed = cpu_seconds(os.getpid()) - started[0], time.monotonic() - started[1]
+    consumer.close()
+    if client == "kafka-python":
+        producer.close()
+    return {"cpu_ms_per_record": round(1000 * cpu / moved, 3), "records_per_s": round(moved / elapsed)}
+
+
+def departed_leader(bootstrap: str, how: str, wait_s: float = 40.0) -> float | None:
+    """Seconds until a member gets partitions after the group's leader stops, None if not within ``wait_s``.
+
+    ``bench/tansu_group_repro.py``'s leader scenario with librdkafka members: the leader stops while
+    the member's join has the group rebalancing. ``how``: ``control`` (the leader stops before the
+    member joins), ``leave`` (dynamic members: its close sends LeaveGroup), ``static`` (every member
+    static, ``group.instance.id``: static members do not leave on close, which is kafka-python's
+    workaround in ``bus.close_consumer``) or ``static-leader`` (only the leader static).
+    """
+    topic = f"leader-{how}-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, 4, [topic])
+    static = how.startswith("static")
+    leader = librdkafka_consumer(bootstrap, topic, session_timeout_ms=6000,
+                                 **({"group.instance.id": f"{topic}-leader"} if static else {}))
+    leader.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not leader.assignment() and time.monotonic() < deadline:
+        leader.consume(num_messages=1, timeout=0.2)
+    if not leader.assignment():
+        raise TimeoutError("the leader got no partitions in 30 s")
+    if how == "control":
+        leader.close()
+    member = librdkafka_consumer(bootstrap, topic, session_timeout_ms=6000,
+                                 **({"group.instance.id": f"{topic}-member"} if how == "static" else {}))
+    member.subscribe([topic])
+    member.consume(num_messages=1, timeout=1.0)  # its JoinGroup: the group is rebalancing
+    if how != "control":
+        leader.close()
+    t0 = time.monotonic()
+    while not member.assignment() and time.monotonic() - t0 < wait_s:
+        member.consume(num_messages=1, timeout=0.2)
+    took = round(time.monotonic() - t0, 1) if member.assignment() else None
+    member.close()
+    return took
+
+
+def stack_pairs(pairs: int) -> dict:
+    """``bench.pipeline`` alternating kafka-python lanes and librdkafka lanes, ``pairs`` times each."""
+    from bench import pipeline
+
+    runs: dict[str, list[dict]] = {"kafka-python": [], "librdkafka": []}
+    for _ in range(pairs):
+        for client in runs:
+            runtime.make_consumer = LibrdkafkaLaneConsumer if client == "librdkafka" else make_consumer
+            try:
+                runs[client].append(pipeline.run(100, 4, 10, "efficientnet_lite2_rmac", baseline=True))
+            finally:
+                runtime.make_consumer = make_consumer
+    keys = ("photos_per_second", "standalone_img_per_s", "index_vs_embed", "search_ms_median", "search_ms_p95",
+            "top1_correct")
+    return {client: {k: [r[k] for r in results] for k in keys} | {
+        "index_vs_embed_median": statistics.median(r["index_vs_embed"] for r in results)}
+            for client, results in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--consumers", type=int, default=5)
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    parser.add_argument("--records", type=int, default=1500)
+    parser.add_argument("--size", type=int, default=60_000, help="bytes per relayed record")
+    parser.add_argument("--pairs", type=int, default=3, help="bench.pipeline runs per client (0: skip)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args()
+    setup_logging("WARNING")
+    report: dict = {"librdkafka": confluent_kafka.libversion()[0], "fetch_wait_ms": FETCH_WAIT_MS}
+    with TansuBroker() as broker:
+        for client in ("kafka-python", "librdkafka"):
+            report[client] = {"idle": idle(client, broker.bootstrap_servers, broker.process.pid, args.consumers,
+                                           args.idle_s),
+                              "relay": relay(client, broker.bootstrap_servers, args.records, args.size)}
+            if not args.json:
+                print(client, json.dumps(report[client]), flush=True)
+        report["departed_leader_s"] = {how: departed_leader(broker.bootstrap_servers, how)
+                                       for how in ("control", "leave", "static", "static-leader")}
+        if not args.json:
+            print("librdkafka, a member after its group's leader stops:", json.dumps(report["departed_leader_s"]),
+                  flush=True)
+    if args.pairs:
+        report["stack"] = stack_pairs(args.pairs)
+        if not args.json:
+            for client, figures in report["stack"].items():
+                print(client, json.dumps(figures), flush=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
