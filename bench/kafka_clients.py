@@ -1,7 +1,9 @@
 """kafka-python against librdkafka (confluent-kafka) on the embedded broker: ``python -m bench.kafka_clients``.
 
     pip install -e '.[bench]'    # confluent-kafka: only this benchmark uses it
-    python -m bench.kafka_clients [--consumers 5] [--idle-s 10] [--records 1500] [--size 60000] [--pairs 3]
+    python -m bench.kafka_clients [--consumers 5] [--idle-s 10] [--records 1500] [--size 60000] [--rounds 3]
+    python -m bench.kafka_clients --stack-only --variants kafka-python@50,librdkafka@50,librdkafka@20 \
+        --detect ../shared/models/yolov8n-coco/yolov8n_int8.tflite --filler 100000 --rounds 2
 
 The product's Kafka client is kafka-python, pure Python. This measures what librdkafka, which does a
 client's work in C threads outside the GIL, would save on the embedded Tansu broker:
@@ -16,10 +18,11 @@ client's work in C threads outside the GIL, would save on the embedded Tansu bro
 - **departed leader**: whether Tansu's group still forms when a librdkafka member that leads it
   stops during a rebalance (``departed_leader`` below; the product's kafka-python members close
   without LeaveGroup there, ``bus.close_consumer``).
-- **stack** (``--pairs`` > 0): ``bench.pipeline`` (100 products, 4 photos, 10 searches, the default
-  model, with its standalone baseline), alternating the product as it is with the same product
-  whose function lanes consume through librdkafka (``LibrdkafkaLaneConsumer`` below, swapped in for
-  ``make_consumer``; producers and every other client stay kafka-python).
+- **stack** (``--rounds`` > 0): ``bench.pipeline`` (100 products, 4 photos, 10 searches, the default
+  model, with its standalone baseline; with ``--detect``, its photo searches instead), alternating
+  the product as it is with the same product whose function lanes consume through librdkafka
+  (``LibrdkafkaLaneConsumer`` below, swapped in for ``make_consumer``; producers and every other
+  client stay kafka-python). ``--variants`` also sets each variant's ``FETCH_MAX_WAIT_MS``.
 
 ``LibrdkafkaLaneConsumer`` is this experiment's adapter, not the product: it has no TLS/SASL options,
 no check for recreated topics and no Tansu leave-group workaround (see ``shared/bus.py``). Ends with
@@ -32,7 +35,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -247,23 +249,35 @@ def departed_leader(bootstrap: str, how: str, wait_s: float = 40.0) -> float | N
     return took
 
 
-def stack_pairs(pairs: int) -> dict:
-    """``bench.pipeline`` alternating kafka-python lanes and librdkafka lanes, ``pairs`` times each."""
+def stack_runs(variants: list[str], rounds: int, detect: str = "none", filler: int = 0) -> dict:
+    """``bench.pipeline`` once per variant (``client@W``: whose consumers the function lanes use, and
+    ``FETCH_MAX_WAIT_MS``), the variants alternated, ``rounds`` times.
+
+    Without ``detect``: indexing against standalone embedding (100 products, 4 photos, 10 searches,
+    the default model). With it: ``bench/pipeline.py``'s search benchmark (25 products, 4 photos,
+    20 searches, its default model, detection, ``filler`` other points in the store).
+    """
     from bench import pipeline
 
-    runs: dict[str, list[dict]] = {"kafka-python": [], "librdkafka": []}
-    for _ in range(pairs):
-        for client in runs:
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    wait_before = os.environ.get("FETCH_MAX_WAIT_MS")
+    for _ in range(rounds):
+        for variant in variants:
+            client, wait_ms = variant.split("@")
             runtime.make_consumer = LibrdkafkaLaneConsumer if client == "librdkafka" else make_consumer
+            os.environ["FETCH_MAX_WAIT_MS"] = wait_ms  # Settings() reads it: every function lane's wait
             try:
-                runs[client].append(pipeline.run(100, 4, 10, "efficientnet_lite2_rmac", baseline=True))
+                runs[variant].append(pipeline.run(25, 4, 20, detect=detect, filler=filler) if detect != "none"
+                                     else pipeline.run(100, 4, 10, "efficientnet_lite2_rmac", baseline=True))
             finally:
                 runtime.make_consumer = make_consumer
-    keys = ("photos_per_second", "standalone_img_per_s", "index_vs_embed", "search_ms_median", "search_ms_p95",
-            "top1_correct")
-    return {client: {k: [r[k] for r in results] for k in keys} | {
-        "index_vs_embed_median": statistics.median(r["index_vs_embed"] for r in results)}
-            for client, results in runs.items()}
+                if wait_before is None:
+                    os.environ.pop("FETCH_MAX_WAIT_MS", None)
+                else:
+                    os.environ["FETCH_MAX_WAIT_MS"] = wait_before
+    keys = ("search_ms_median", "search_ms_p95", "top1_correct") + (
+        () if detect != "none" else ("photos_per_second", "standalone_img_per_s", "index_vs_embed"))
+    return {variant: {k: [r[k] for r in results] for k in keys} for variant, results in runs.items()}
 
 
 def main() -> None:
@@ -272,28 +286,34 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--size", type=int, default=60_000, help="bytes per relayed record")
-    parser.add_argument("--pairs", type=int, default=3, help="bench.pipeline runs per client (0: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="bench.pipeline runs per variant (0: skip)")
+    parser.add_argument("--variants", default=f"kafka-python@{FETCH_WAIT_MS},librdkafka@{FETCH_WAIT_MS}",
+                        help="CLIENT@FETCH_MAX_WAIT_MS, comma-separated; CLIENT: kafka-python or librdkafka")
+    parser.add_argument("--detect", default="none", help="a detector: time bench/pipeline.py's photo searches")
+    parser.add_argument("--filler", type=int, default=0, help="other points in the store, with --detect")
+    parser.add_argument("--stack-only", action="store_true", help="skip the idle, relay and group checks")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     setup_logging("WARNING")
     report: dict = {"librdkafka": confluent_kafka.libversion()[0], "fetch_wait_ms": FETCH_WAIT_MS}
-    with TansuBroker() as broker:
-        for client in ("kafka-python", "librdkafka"):
-            report[client] = {"idle": idle(client, broker.bootstrap_servers, broker.process.pid, args.consumers,
-                                           args.idle_s),
-                              "relay": relay(client, broker.bootstrap_servers, args.records, args.size)}
+    if not args.stack_only:
+        with TansuBroker() as broker:
+            for client in ("kafka-python", "librdkafka"):
+                report[client] = {"idle": idle(client, broker.bootstrap_servers, broker.process.pid,
+                                               args.consumers, args.idle_s),
+                                  "relay": relay(client, broker.bootstrap_servers, args.records, args.size)}
+                if not args.json:
+                    print(client, json.dumps(report[client]), flush=True)
+            report["departed_leader_s"] = {how: departed_leader(broker.bootstrap_servers, how)
+                                           for how in ("control", "leave", "static", "static-leader")}
             if not args.json:
-                print(client, json.dumps(report[client]), flush=True)
-        report["departed_leader_s"] = {how: departed_leader(broker.bootstrap_servers, how)
-                                       for how in ("control", "leave", "static", "static-leader")}
+                print("librdkafka, a member after its group's leader stops:",
+                      json.dumps(report["departed_leader_s"]), flush=True)
+    if args.rounds:
+        report["stack"] = stack_runs(args.variants.split(","), args.rounds, args.detect, args.filler)
         if not args.json:
-            print("librdkafka, a member after its group's leader stops:", json.dumps(report["departed_leader_s"]),
-                  flush=True)
-    if args.pairs:
-        report["stack"] = stack_pairs(args.pairs)
-        if not args.json:
-            for client, figures in report["stack"].items():
-                print(client, json.dumps(figures), flush=True)
+            for variant, figures in report["stack"].items():
+                print(variant, json.dumps(figures), flush=True)
     print(json.dumps(report))
 
 
