@@ -122,6 +122,14 @@ class LibrdkafkaLaneConsumer:
         self._consumer.close()
 
 
+def lane_consumer(client: str):
+    """The function lanes' consumer factory of ``client``: kafka-python's (the product's) or the adapter."""
+    factories = {"kafka-python": make_consumer, "librdkafka": LibrdkafkaLaneConsumer}
+    if client not in factories:
+        raise ValueError(f"unknown client {client!r}: one of {', '.join(factories)}")
+    return factories[client]
+
+
 def _cpu_pct(pid: int, since: float, t0: float) -> float:
     return round(100 * (cpu_seconds(pid) - since) / (time.monotonic() - t0), 1)
 
@@ -132,8 +140,8 @@ def idle(client: str, bootstrap: str, broker_pid: int, consumers: int, idle_s: f
     ensure_topics(bootstrap, 4, topics)
     stop, assigned = threading.Event(), threading.Semaphore(0)
 
-    def kafka_python(topic: str) -> None:
-        consumer = make_consumer(bootstrap, f"{topic}-group", [topic], session_timeout_ms=6000)
+    def consume(topic: str) -> None:
+        consumer = lane_consumer(client)(bootstrap, f"{topic}-group", [topic], session_timeout_ms=6000)
         announced = False
         while not stop.is_set():
             consumer.poll(timeout_ms=200, max_records=128)
@@ -142,18 +150,7 @@ def idle(client: str, bootstrap: str, broker_pid: int, consumers: int, idle_s: f
                 assigned.release()
         consumer.close(autocommit=False)
 
-    def librdkafka(topic: str) -> None:
-        consumer = LibrdkafkaLaneConsumer(bootstrap, f"{topic}-group", [topic], session_timeout_ms=6000)
-        announced = False
-        while not stop.is_set():
-            consumer.poll(timeout_ms=200, max_records=128)
-            if consumer.assignment() and not announced:
-                announced = True
-                assigned.release()
-        consumer.close()
-
-    threads = [threading.Thread(target=kafka_python if client == "kafka-python" else librdkafka, args=(t,),
-                                daemon=True) for t in topics]
+    threads = [threading.Thread(target=consume, args=(t,), daemon=True) for t in topics]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
@@ -181,10 +178,10 @@ def relay(client: str, bootstrap: str, records: int, size: int) -> dict:
     feeder.flush()
     feeder.close()
     moved, started = 0, None
+    consumer = lane_consumer(client)(bootstrap, f"{source}-group", [source])
     if client == "kafka-python":
-        consumer, producer = make_consumer(bootstrap, f"{source}-group", [source]), make_producer(bootstrap)
+        producer = make_producer(bootstrap)
     else:
-        consumer = LibrdkafkaLaneConsumer(bootstrap, f"{source}-group", [source])
         producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 2,
                                              "batch.size": MAX_MESSAGE_BYTES // 2,
                                              "message.max.bytes": MAX_MESSAGE_BYTES, "log.connection.close": False})
@@ -207,7 +204,7 @@ def relay(client: str, bootstrap: str, records: int, size: int) -> dict:
     if moved < records:
         raise TimeoutError(f"relayed {moved} of {records} records in 300 s")
     cpu, elapsed = cpu_seconds(os.getpid()) - started[0], time.monotonic() - started[1]
-    consumer.close()
+    consumer.close(autocommit=False)
     if client == "kafka-python":
         producer.close()
     return {"cpu_ms_per_record": round(1000 * cpu / moved, 3), "records_per_s": round(moved / elapsed)}
@@ -264,7 +261,7 @@ def stack_runs(variants: list[str], rounds: int, detect: str = "none", filler: i
     for _ in range(rounds):
         for variant in variants:
             client, wait_ms = variant.split("@")
-            runtime.make_consumer = LibrdkafkaLaneConsumer if client == "librdkafka" else make_consumer
+            runtime.make_consumer = lane_consumer(client)
             os.environ["FETCH_MAX_WAIT_MS"] = wait_ms  # Settings() reads it: every function lane's wait
             try:
                 runs[variant].append(pipeline.run(25, 4, 20, detect=detect, filler=filler) if detect != "none"
