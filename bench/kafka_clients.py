@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import os
 import sys
 import threading
@@ -44,11 +45,13 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/kafka_clients.py` finds the bench package
 
 from kafka import TopicPartition  # noqa: E402
+from kafka.errors import CommitFailedError  # noqa: E402
 from kafka.structs import OffsetAndMetadata  # noqa: E402
 
 from bench.scale import cpu_seconds  # noqa: E402
 from lookalike.shared import runtime  # noqa: E402
 from lookalike.shared.bus import MAX_MESSAGE_BYTES, TansuBroker, ensure_topics, make_consumer, make_producer  # noqa: E402
+from lookalike.shared.config import Settings  # noqa: E402
 from lookalike.shared.logs import setup_logging  # noqa: E402
 
 try:
@@ -56,7 +59,8 @@ try:
 except ImportError:  # stated, not hidden: the benchmark's point is the comparison
     sys.exit("bench.kafka_clients compares against librdkafka: pip install -e '.[bench]' (confluent-kafka)")
 
-FETCH_WAIT_MS = 50  # the product's default FETCH_MAX_WAIT_MS
+FETCH_WAIT_MS = Settings.model_fields["fetch_max_wait_ms"].default  # the product's default FETCH_MAX_WAIT_MS
+log = logging.getLogger("bench.kafka_clients")
 Record = collections.namedtuple("Record", "topic partition offset key value headers timestamp")
 
 
@@ -97,9 +101,11 @@ class LibrdkafkaLaneConsumer:
             messages += self._consumer.consume(num_messages=max_records - 1, timeout=0)
         polled: dict[TopicPartition, list[Record]] = collections.defaultdict(list)
         for m in messages:
-            if m.error() is None:
-                polled[TopicPartition(m.topic(), m.partition())].append(Record(
-                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [], m.timestamp()[1]))
+            if m.error() is not None:  # a consumer event (broker down, unknown topic), not a record
+                log.warning("librdkafka: %s", m.error())
+                continue
+            polled[TopicPartition(m.topic(), m.partition())].append(Record(
+                m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [], m.timestamp()[1]))
         return dict(polled)
 
     def assignment(self) -> set[TopicPartition]:
@@ -115,10 +121,19 @@ class LibrdkafkaLaneConsumer:
         self._consumer.resume([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
 
     def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self._consumer.commit(offsets=[confluent_kafka.TopicPartition(tp.topic, tp.partition, o.offset)
-                                       for tp, o in offsets.items()], asynchronous=False)
+        """Commit ``offsets`` (the next offset to read, as the runner passes them; their metadata is not kept).
 
-    def close(self, autocommit: bool = False) -> None:
+        Failures raise kafka-python's ``CommitFailedError``, which the runner takes as "redelivered"."""
+        try:
+            done = self._consumer.commit(offsets=[confluent_kafka.TopicPartition(tp.topic, tp.partition, o.offset)
+                                                  for tp, o in offsets.items()], asynchronous=False)
+        except confluent_kafka.KafkaException as e:
+            raise CommitFailedError(str(e)) from e
+        failed = [f"{p.topic}[{p.partition}]: {p.error}" for p in done or [] if p.error is not None]
+        if failed:
+            raise CommitFailedError("; ".join(failed))
+
+    def close(self, autocommit: bool = False) -> None:  # kafka-python's signature; nothing auto-commits here
         self._consumer.close()
 
 
@@ -216,8 +231,9 @@ def departed_leader(bootstrap: str, how: str, wait_s: float = 40.0) -> float | N
     ``bench/tansu_group_repro.py``'s leader scenario with librdkafka members: the leader stops while
     the member's join has the group rebalancing. ``how``: ``control`` (the leader stops before the
     member joins), ``leave`` (dynamic members: its close sends LeaveGroup), ``static`` (every member
-    static, ``group.instance.id``: static members do not leave on close, which is kafka-python's
-    workaround in ``bus.close_consumer``) or ``static-leader`` (only the leader static).
+    static, ``group.instance.id``: static members do not leave on close, the effect that
+    ``bus.close_consumer`` gets for kafka-python's dynamic members) or ``static-leader`` (only the
+    leader static).
     """
     topic = f"leader-{how}-{uuid.uuid4().hex[:8]}"
     ensure_topics(bootstrap, 4, [topic])
@@ -248,7 +264,7 @@ def departed_leader(bootstrap: str, how: str, wait_s: float = 40.0) -> float | N
 
 def stack_runs(variants: list[str], rounds: int, detect: str = "none", filler: int = 0) -> dict:
     """``bench.pipeline`` once per variant (``client@W``: whose consumers the function lanes use, and
-    ``FETCH_MAX_WAIT_MS``), the variants alternated, ``rounds`` times.
+    ``FETCH_MAX_WAIT_MS``) in each of ``rounds`` rounds, the order reversed every other round.
 
     Without ``detect``: indexing against standalone embedding (100 products, 4 photos, 10 searches,
     the default model). With it: ``bench/pipeline.py``'s search benchmark (25 products, 4 photos,
@@ -258,8 +274,8 @@ def stack_runs(variants: list[str], rounds: int, detect: str = "none", filler: i
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     wait_before = os.environ.get("FETCH_MAX_WAIT_MS")
-    for _ in range(rounds):
-        for variant in variants:
+    for round_ in range(rounds):
+        for variant in variants if round_ % 2 == 0 else variants[::-1]:  # neither side always goes first
             client, wait_ms = variant.split("@")
             runtime.make_consumer = lane_consumer(client)
             os.environ["FETCH_MAX_WAIT_MS"] = wait_ms  # Settings() reads it: every function lane's wait
@@ -292,7 +308,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     setup_logging("WARNING")
-    report: dict = {"librdkafka": confluent_kafka.libversion()[0], "fetch_wait_ms": FETCH_WAIT_MS}
+    report: dict = {"librdkafka": confluent_kafka.libversion()[0], "idle_relay_fetch_wait_ms": FETCH_WAIT_MS}
     if not args.stack_only:
         with TansuBroker() as broker:
             for client in ("kafka-python", "librdkafka"):
