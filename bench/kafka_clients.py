@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/kafka_clients.py` finds the bench package
 
@@ -196,10 +197,12 @@ def relay(client: str, bootstrap: str, records: int, size: int) -> dict:
     consumer = lane_consumer(client)(bootstrap, f"{source}-group", [source])
     if client == "kafka-python":
         producer = make_producer(bootstrap)
+        send = producer.send
     else:
         producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 2,
                                              "batch.size": MAX_MESSAGE_BYTES // 2,
                                              "message.max.bytes": MAX_MESSAGE_BYTES, "log.connection.close": False})
+        send = producer.produce
     deadline = time.monotonic() + 300
     while moved < records and time.monotonic() < deadline:
         polled = consumer.poll(timeout_ms=200, max_records=128)
@@ -209,10 +212,7 @@ def relay(client: str, bootstrap: str, records: int, size: int) -> dict:
             started = (cpu_seconds(os.getpid()), time.monotonic())
         for batch in polled.values():
             for r in batch:
-                if client == "kafka-python":
-                    producer.send(sink, key=r.key, value=r.value)
-                else:
-                    producer.produce(sink, key=r.key, value=r.value)
+                send(sink, key=r.key, value=r.value)
                 moved += 1
         producer.flush(30)
         consumer.commit({tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()})
@@ -273,21 +273,14 @@ def stack_runs(variants: list[str], rounds: int, detect: str = "none", filler: i
     from bench import pipeline
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    wait_before = os.environ.get("FETCH_MAX_WAIT_MS")
     for round_ in range(rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:  # neither side always goes first
             client, wait_ms = variant.split("@")
-            runtime.make_consumer = lane_consumer(client)
-            os.environ["FETCH_MAX_WAIT_MS"] = wait_ms  # Settings() reads it: every function lane's wait
-            try:
+            # Settings() reads FETCH_MAX_WAIT_MS: every function lane's wait.
+            with mock.patch.object(runtime, "make_consumer", lane_consumer(client)), \
+                    mock.patch.dict(os.environ, {"FETCH_MAX_WAIT_MS": wait_ms}):
                 runs[variant].append(pipeline.run(25, 4, 20, detect=detect, filler=filler) if detect != "none"
                                      else pipeline.run(100, 4, 10, "efficientnet_lite2_rmac", baseline=True))
-            finally:
-                runtime.make_consumer = make_consumer
-                if wait_before is None:
-                    os.environ.pop("FETCH_MAX_WAIT_MS", None)
-                else:
-                    os.environ["FETCH_MAX_WAIT_MS"] = wait_before
     keys = ("search_ms_median", "search_ms_p95", "top1_correct") + (
         () if detect != "none" else ("photos_per_second", "standalone_img_per_s", "index_vs_embed"))
     return {variant: {k: [r[k] for r in results] for k in keys} for variant, results in runs.items()}
