@@ -198,6 +198,7 @@ def run(model_id: str, n: int, precision: str, batch: int, device: str, folder: 
     return {
         "device": device, "model": model_id, "precision": precision, "runtime": runtime, "batch": batch, "images": n,
         "threads": torch.get_num_threads(), "compile_s": embedder.compile_s,
+        "warm_up_s": embedder.warm_up_s and round(embedder.warm_up_s, 1),
         "embed.naive_img_per_s": round(n / naive_s, 1),
         "embed.batched_img_per_s": round(batched_rate, 1),
         "embed.speedup": round(naive_s / batched_s, 2),

@@ -593,6 +593,7 @@ class BatchEmbedder:
 
     runtime = ""
     compile_s: float | None = None  # seconds spent compiling the network, None when it runs as it is
+    warm_up_s: float | None = None  # seconds the CUDA warm-up of every bucket took at load, None without one
 
     def __init__(self, spec: EmbedderSpec, device: str, precision: str, batch_size: int, prep_workers: int = 1):
         if prep_workers < 1:
@@ -759,8 +760,8 @@ class TorchEmbedder(BatchEmbedder):
         """Run every bucket once (CUDA), so cuDNN picks and builds its plans now, not at a shopper's search."""
         started = time.perf_counter()
         self._run_every_bucket(self._network)
-        log.info("embedder %s warmed up for batches of %s in %.1f s", self.spec.id, self.buckets(),
-                 time.perf_counter() - started)
+        self.warm_up_s = time.perf_counter() - started
+        log.info("embedder %s warmed up for batches of %s in %.1f s", self.spec.id, self.buckets(), self.warm_up_s)
 
     def _run_every_bucket(self, network: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """``network`` on seeded random pixels at every bucket's size, in this (the network's) thread."""
