@@ -1,12 +1,12 @@
 """kafka-python against librdkafka (confluent-kafka) on the embedded broker: ``python -m bench.kafka_clients``.
 
-    pip install -e '.[bench]'    # confluent-kafka: only this benchmark uses it
     python -m bench.kafka_clients [--consumers 5] [--idle-s 10] [--records 1500] [--size 60000] [--rounds 3]
     python -m bench.kafka_clients --stack-only --variants kafka-python@50,librdkafka@50,librdkafka@20 \
         --detect ../shared/models/yolov8n-coco/yolov8n_int8.tflite --filler 100000 --rounds 2
 
-The product's Kafka client is kafka-python, pure Python. This measures what librdkafka, which does a
-client's work in C threads outside the GIL, would save on the embedded Tansu broker:
+The function lanes consume through librdkafka (``KAFKA_CONSUMER=auto``, ``shared/lane_consumer.py``),
+which does a client's work in C threads outside the GIL; every other client is kafka-python, pure
+Python. This measures the two on the embedded Tansu broker:
 
 - **idle**: ``--consumers`` group consumers, one topic of 4 partitions each, nothing to read, at the
   product's fetch wait (50 ms), for ``--idle-s`` seconds: the CPU of this process and of the broker,
@@ -14,25 +14,22 @@ client's work in C threads outside the GIL, would save on the embedded Tansu bro
   are such consumers.
 - **relay**: ``--records`` records of ``--size`` bytes (about an ingested photo's message) consumed
   from one topic and produced to another in batches of up to 128, flushed and committed per batch,
-  as a function's hop does: CPU ms per record, and records per second.
+  as a function's hop does: CPU ms per record, and records per second (each client's consumer and
+  producer).
 - **departed leader**: whether Tansu's group still forms when a librdkafka member that leads it
-  stops during a rebalance (``departed_leader`` below; the product's kafka-python members close
-  without LeaveGroup there, ``bus.close_consumer``).
+  stops during a rebalance (``departed_leader`` below). The product frees the consumer of a process
+  run alone without ``close``, so it sends no LeaveGroup (``RdKafkaLaneConsumer.close``).
 - **stack** (``--rounds`` > 0): ``bench.pipeline`` (100 products, 4 photos, 10 searches, the default
-  model, with its standalone baseline; with ``--detect``, its photo searches instead), alternating
-  the product as it is with the same product whose function lanes consume through librdkafka
-  (``LibrdkafkaLaneConsumer`` below, swapped in for ``make_consumer``; producers and every other
-  client stay kafka-python). ``--variants`` also sets each variant's ``FETCH_MAX_WAIT_MS``.
+  model, with its standalone baseline; with ``--detect``, its photo searches instead) once per
+  ``--variants`` entry ``CLIENT@W``: ``KAFKA_CONSUMER`` and ``FETCH_MAX_WAIT_MS`` of the function
+  lanes. Producers and every other client stay kafka-python.
 
-``LibrdkafkaLaneConsumer`` is this experiment's adapter, not the product: it has no TLS/SASL options,
-no check for recreated topics and no Tansu leave-group workaround (see ``shared/bus.py``). Ends with
-one JSON line. Figures: docs/benchmarks.md ("The Kafka client's share").
+Ends with one JSON line. Figures: docs/benchmarks.md ("The Kafka client's share").
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import logging
 import os
@@ -45,24 +42,17 @@ from unittest import mock
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/kafka_clients.py` finds the bench package
 
-from kafka import TopicPartition  # noqa: E402
-from kafka.errors import CommitFailedError  # noqa: E402
+import confluent_kafka  # noqa: E402
 from kafka.structs import OffsetAndMetadata  # noqa: E402
 
 from bench.scale import cpu_seconds  # noqa: E402
-from lookalike.shared import runtime  # noqa: E402
 from lookalike.shared.bus import MAX_MESSAGE_BYTES, TansuBroker, ensure_topics, make_consumer, make_producer  # noqa: E402
 from lookalike.shared.config import Settings  # noqa: E402
+from lookalike.shared.lane_consumer import RdKafkaLaneConsumer  # noqa: E402
 from lookalike.shared.logs import setup_logging  # noqa: E402
-
-try:
-    import confluent_kafka
-except ImportError:  # stated, not hidden: the benchmark's point is the comparison
-    sys.exit("bench.kafka_clients compares against librdkafka: pip install -e '.[bench]' (confluent-kafka)")
 
 FETCH_WAIT_MS = Settings.model_fields["fetch_max_wait_ms"].default  # the product's default FETCH_MAX_WAIT_MS
 log = logging.getLogger("bench.kafka_clients")
-Record = collections.namedtuple("Record", "topic partition offset key value headers timestamp")
 
 
 def librdkafka_consumer(bootstrap: str, group_id: str, session_timeout_ms: int = 10000, client_id: str = "bench",
@@ -78,69 +68,9 @@ def librdkafka_consumer(bootstrap: str, group_id: str, session_timeout_ms: int =
     })
 
 
-class LibrdkafkaLaneConsumer:
-    """The part of kafka-python's ``KafkaConsumer`` that ``Runner`` uses, on librdkafka (see the module docstring)."""
-
-    def __init__(self, bootstrap_servers: str, group_id: str, topics: list[str], session_timeout_ms: int = 10000,
-                 client_id: str = "bench", fetch_max_wait_ms: int = FETCH_WAIT_MS):
-        self._assigned: set[TopicPartition] = set()
-        self._consumer = librdkafka_consumer(bootstrap_servers, group_id, session_timeout_ms, client_id,
-                                             fetch_max_wait_ms)
-        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-
-    def _on_assign(self, _consumer, partitions) -> None:
-        self._assigned = {TopicPartition(p.topic, p.partition) for p in partitions}
-
-    def _on_revoke(self, _consumer, _partitions) -> None:
-        self._assigned = set()
-
-    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Record]]:
-        # consume() waits until it has num_messages or the timeout passes: wait for one record,
-        # then take whatever else is already fetched.
-        messages = self._consumer.consume(num_messages=1, timeout=timeout_ms / 1000)
-        if messages and max_records > 1:
-            messages += self._consumer.consume(num_messages=max_records - 1, timeout=0)
-        polled: dict[TopicPartition, list[Record]] = collections.defaultdict(list)
-        for m in messages:
-            if m.error() is not None:  # a consumer event (broker down, unknown topic), not a record
-                log.warning("librdkafka: %s", m.error())
-                continue
-            polled[TopicPartition(m.topic(), m.partition())].append(Record(
-                m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [], m.timestamp()[1]))
-        return dict(polled)
-
-    def assignment(self) -> set[TopicPartition]:
-        return self._assigned
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self._consumer.seek(confluent_kafka.TopicPartition(tp.topic, tp.partition, offset))
-
-    def pause(self, *tps: TopicPartition) -> None:
-        self._consumer.pause([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
-
-    def resume(self, *tps: TopicPartition) -> None:
-        self._consumer.resume([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
-
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """Commit ``offsets`` (the next offset to read, as the runner passes them; their metadata is not kept).
-
-        Failures raise kafka-python's ``CommitFailedError``, which the runner takes as "redelivered"."""
-        try:
-            done = self._consumer.commit(offsets=[confluent_kafka.TopicPartition(tp.topic, tp.partition, o.offset)
-                                                  for tp, o in offsets.items()], asynchronous=False)
-        except confluent_kafka.KafkaException as e:
-            raise CommitFailedError(str(e)) from e
-        failed = [f"{p.topic}[{p.partition}]: {p.error}" for p in done or [] if p.error is not None]
-        if failed:
-            raise CommitFailedError("; ".join(failed))
-
-    def close(self, autocommit: bool = False) -> None:  # kafka-python's signature; nothing auto-commits here
-        self._consumer.close()
-
-
 def lane_consumer(client: str):
-    """The function lanes' consumer factory of ``client``: kafka-python's (the product's) or the adapter."""
-    factories = {"kafka-python": make_consumer, "librdkafka": LibrdkafkaLaneConsumer}
+    """The function lanes' consumer factory of ``client`` (``KAFKA_CONSUMER``), as ``Runner`` makes them."""
+    factories = {"kafka-python": make_consumer, "librdkafka": RdKafkaLaneConsumer}
     if client not in factories:
         raise ValueError(f"unknown client {client!r}: one of {', '.join(factories)}")
     return factories[client]
@@ -230,7 +160,8 @@ def departed_leader(bootstrap: str, how: str, wait_s: float = 40.0) -> float | N
 
     ``bench/tansu_group_repro.py``'s leader scenario with librdkafka members: the leader stops while
     the member's join has the group rebalancing. ``how``: ``control`` (the leader stops before the
-    member joins), ``leave`` (dynamic members: its close sends LeaveGroup), ``static`` (every member
+    member joins), ``leave`` (dynamic members: its close sends LeaveGroup), ``drop`` (the leader freed
+    without ``close``, as ``RdKafkaLaneConsumer`` does on Tansu: no LeaveGroup), ``static`` (every member
     static, ``group.instance.id``: static members do not leave on close, the effect that
     ``bus.close_consumer`` gets for kafka-python's dynamic members) or ``static-leader`` (only the
     leader static).
@@ -252,7 +183,9 @@ def departed_leader(bootstrap: str, how: str, wait_s: float = 40.0) -> float | N
                                  **({"group.instance.id": f"{topic}-member"} if how == "static" else {}))
     member.subscribe([topic])
     member.consume(num_messages=1, timeout=1.0)  # its JoinGroup: the group is rebalancing
-    if how != "control":
+    if how == "drop":
+        del leader  # freed without close(): librdkafka sends no LeaveGroup
+    elif how != "control":
         leader.close()
     t0 = time.monotonic()
     while not member.assignment() and time.monotonic() - t0 < wait_s:
@@ -276,9 +209,9 @@ def stack_runs(variants: list[str], rounds: int, detect: str = "none", filler: i
     for round_ in range(rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:  # neither side always goes first
             client, wait_ms = variant.split("@")
-            # Settings() reads FETCH_MAX_WAIT_MS: every function lane's wait.
-            with mock.patch.object(runtime, "make_consumer", lane_consumer(client)), \
-                    mock.patch.dict(os.environ, {"FETCH_MAX_WAIT_MS": wait_ms}):
+            lane_consumer(client)  # refuses an unknown client before the run
+            # Settings() reads KAFKA_CONSUMER and FETCH_MAX_WAIT_MS: every function lane's client and wait.
+            with mock.patch.dict(os.environ, {"KAFKA_CONSUMER": client, "FETCH_MAX_WAIT_MS": wait_ms}):
                 runs[variant].append(pipeline.run(25, 4, 20, detect=detect, filler=filler) if detect != "none"
                                      else pipeline.run(100, 4, 10, "efficientnet_lite2_rmac", baseline=True))
     keys = ("search_ms_median", "search_ms_p95", "top1_correct") + (
@@ -311,7 +244,7 @@ def main() -> None:
                 if not args.json:
                     print(client, json.dumps(report[client]), flush=True)
             report["departed_leader_s"] = {how: departed_leader(broker.bootstrap_servers, how)
-                                           for how in ("control", "leave", "static", "static-leader")}
+                                           for how in ("control", "leave", "drop", "static", "static-leader")}
             if not args.json:
                 print("librdkafka, a member after its group's leader stops:",
                       json.dumps(report["departed_leader_s"]), flush=True)

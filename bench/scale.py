@@ -8,7 +8,7 @@ For each N, on a fresh Tansu broker (topics of TOPIC_PARTITIONS=4 partitions):
 1. start N processes of ``python -m lookalike.functions detect`` (the real function: parser,
    handler, Runner, producer, commits), all members of ``lookalike-detect``;
 2. wait until the group settled: every member holds partitions, none is held twice, together
-   they hold all 4 (read from each member's kafka-python log, the only place that says it:
+   they hold all 4 (read from each member's log: its lane consumer's assignment lines, the only place that says it:
    Tansu's DescribeGroups carries no assignments, see below);
 3. produce ``--records`` images.normalized messages with distinct keys over all partitions, as
    fast as one producer goes (it stays well ahead of the group);
@@ -78,12 +78,16 @@ from lookalike.shared.messages import (
 PARTITIONS = 4
 GROUP = "lookalike-detect"
 
-# `python -m lookalike.functions detect`, with the one log line that names a member's partitions let through.
+# `python -m lookalike.functions detect`, with the log line that names a member's partitions let through
+# (kafka-python's; the librdkafka lane consumer logs its own at INFO).
 MEMBER = ("import logging, runpy, sys; "
           "logging.getLogger('kafka.coordinator.consumer').setLevel(logging.INFO); "
           "sys.argv = ['lookalike.functions', 'detect']; "
           "runpy.run_module('lookalike.functions', run_name='__main__', alter_sys=True)")
-_PARTITION = re.compile(r"TopicPartition\(topic='" + re.escape(IMAGES_NORMALIZED) + r"', partition=(\d+)\)")
+# kafka-python's coordinator: "TopicPartition(topic='images.normalized', partition=0)"; the librdkafka
+# lane consumer (shared/lane_consumer.py): "images.normalized[0]"
+_PARTITION = re.compile(r"TopicPartition\(topic='" + re.escape(IMAGES_NORMALIZED) + r"', partition=(\d+)\)|"
+                        + re.escape(IMAGES_NORMALIZED) + r"\[(\d+)\]")
 
 
 # --------------------------------------------------------------------------- the group
@@ -126,11 +130,11 @@ class FunctionGroup:
                 member.lines.append(line)
                 if not line.rstrip().endswith(f" for group {GROUP}"):
                     continue  # another lane's group (detect's search lane) or not about groups
-                if "newly assigned partitions" in line:
-                    member.partitions = frozenset(int(p) for p in _PARTITION.findall(line))
-                    member.assignments += 1
-                elif "Revoking previously assigned partitions" in line:
+                if "Revoking previously assigned partitions" in line or "revoked partitions" in line:
                     member.partitions = frozenset()
+                elif "newly assigned partitions" in line or "assigned partitions" in line:
+                    member.partitions = frozenset(int(a or b) for a, b in _PARTITION.findall(line))
+                    member.assignments += 1
 
     def shares(self) -> list[frozenset[int]]:
         with self._lock:

@@ -152,6 +152,10 @@ class ClientCredentialsTokens(AbstractTokenProvider):
     def __repr__(self) -> str:  # never the secret
         return f"ClientCredentialsTokens({self.token_url!r}, client_id={self.client_id!r})"
 
+    def seconds_left(self) -> float:
+        """Seconds until the token in hand is renewed (0 before the first)."""
+        return max(0.0, self._renew_at - time.monotonic())
+
     def token(self) -> str:
         import httpx
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,11 @@ class Settings(BaseSettings):
     # and saves the idle fetches (docs/benchmarks.md, "The embedded broker's fetch wait").
     # At most 10 s: kafka-python refuses a wait that reaches its request timeout (30 s).
     fetch_max_wait_ms: int = Field(default=50, ge=1, le=10000)
+    # The function lanes' Kafka consumer: librdkafka (confluent-kafka, its network work in C threads
+    # outside the GIL: indexing 7-23 % faster here, docs/benchmarks.md) or kafka-python (pure Python,
+    # the client of every other component). auto: librdkafka, except for SASL AWS_MSK_IAM, which
+    # only kafka-python signs here (shared/lane_consumer.py).
+    kafka_consumer: Literal["auto", "librdkafka", "kafka-python"] = "auto"
     # A batch function (embed) may wait up to this long after its first record for a fuller
     # batch (up to POLL_MAX_RECORDS); the others handle what one poll returns. Off by default:
     # 50 ms bought no indexing throughput here and added ~45 ms to every search (benchmarks.md).
@@ -129,6 +135,12 @@ class Settings(BaseSettings):
     gateway_api_keys: SecretStr | None = None
     gateway_cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser ("*": any)
     gateway_rate_limit_per_min: int = 0  # searches + recommendations per client (API key, else address); 0: off
+
+    def lane_consumer_client(self) -> str:
+        """``librdkafka`` or ``kafka-python``: what ``KAFKA_CONSUMER`` picks for the function lanes."""
+        if self.kafka_consumer != "auto":
+            return self.kafka_consumer
+        return "kafka-python" if (self.kafka_sasl_mechanism or "").upper() == "AWS_MSK_IAM" else "librdkafka"
 
     def detector_labels(self) -> dict:
         """``load_detector`` keyword arguments for the label settings."""

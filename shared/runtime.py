@@ -49,7 +49,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from lookalike.shared import metrics
 from lookalike.shared.bus import close_consumer, make_consumer, make_producer
+from lookalike.shared.config import Settings
 from lookalike.shared.errors import PoisonMessage, SourceUnavailable, TransientError, describe_errors
+from lookalike.shared.lane_consumer import RdKafkaLaneConsumer
 from lookalike.shared.limits import MAX_MESSAGE_BYTES, fits_message
 from lookalike.shared.messages import (
     CATALOG_EVENTS,
@@ -167,7 +169,8 @@ class Runner:
                  poll_timeout_ms: int = 200, batch_max_wait_ms: int = 0, session_timeout_ms: int = 10000,
                  fetch_max_wait_ms: int = 50,
                  max_attempts: int = 3, backoff_max_s: float = 30.0, consumer_factory: Callable | None = None,
-                 producer_factory: Callable | None = None, leave_group_on_close: bool = True):
+                 producer_factory: Callable | None = None, leave_group_on_close: bool = True,
+                 consumer_client: str | None = None):
         self.function = function
         self.lane = lane
         self.routes = {r.topic: r for r in function.routes() if r.lane == lane}
@@ -187,9 +190,9 @@ class Runner:
         self.group_id = consumer_group(function.name, lane)
         # False for processes that share a group on the embedded broker: see bus.close_consumer.
         self.leave_group_on_close = leave_group_on_close
-        self._consumer_factory = consumer_factory or (
-            lambda: make_consumer(self.bootstrap_servers, self.group_id, list(self.routes), self.session_timeout_ms,
-                                  client_id=f"lookalike-{self.name}", fetch_max_wait_ms=self.fetch_max_wait_ms))
+        # consumer_client: KAFKA_CONSUMER's pick (Settings.lane_consumer_client), read from the environment if not given
+        self.consumer_client = consumer_client or Settings().lane_consumer_client()
+        self._consumer_factory = consumer_factory or self._make_consumer
         self._producer_factory = producer_factory or (
             lambda: make_producer(self.bootstrap_servers, client_id=f"lookalike-{self.name}"))
         self._stop = threading.Event()
@@ -207,7 +210,16 @@ class Runner:
                    poll_max_records=settings.poll_max_records,
                    poll_timeout_ms=settings.poll_timeout_ms, batch_max_wait_ms=settings.batch_max_wait_ms,
                    session_timeout_ms=settings.session_timeout_ms, fetch_max_wait_ms=settings.fetch_max_wait_ms,
-                   max_attempts=settings.max_attempts, backoff_max_s=settings.backoff_max_s)
+                   max_attempts=settings.max_attempts, backoff_max_s=settings.backoff_max_s,
+                   consumer_client=settings.lane_consumer_client())
+
+    def _make_consumer(self):
+        options = dict(session_timeout_ms=self.session_timeout_ms, client_id=f"lookalike-{self.name}",
+                       fetch_max_wait_ms=self.fetch_max_wait_ms)
+        if self.consumer_client == "librdkafka":
+            return RdKafkaLaneConsumer(self.bootstrap_servers, self.group_id, list(self.routes),
+                                       leave_group_on_close=self.leave_group_on_close, **options)
+        return make_consumer(self.bootstrap_servers, self.group_id, list(self.routes), **options)
 
     def stop(self) -> None:
         """Finish the batch in hand, commit it, and return from ``run``."""
@@ -473,13 +485,16 @@ def _check_topic_ids(consumer, topics, seen: dict[str, Any]) -> dict[str, Any]:
     The consumer's in-memory positions belong to the old log: fetching the new one from
     them would skip its first records. Raised before the polled records are handled, so the
     supervisor starts a fresh consumer that reads from the committed offsets (or the start).
-    kafka-python keeps topic ids in its cluster metadata; a consumer without one (tests'
-    fakes) is not checked.
+    kafka-python keeps topic ids in its cluster metadata; ``RdKafkaLaneConsumer.topic_ids`` asks the
+    broker now and then. A consumer with neither (tests' fakes) is not checked.
     """
-    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
-    if cluster is None:
-        return seen
-    now = {t: cluster.topic_id(t) for t in topics}
+    if hasattr(consumer, "topic_ids"):
+        now = consumer.topic_ids(topics)
+    else:
+        cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+        if cluster is None:
+            return seen
+        now = {t: cluster.topic_id(t) for t in topics}
     for topic, topic_id in now.items():
         if topic_id is not None and seen.get(topic) not in (None, topic_id):
             raise TopicRecreated(f"topic {topic} was recreated (id {seen[topic]} -> {topic_id})")

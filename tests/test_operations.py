@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from lookalike.shared import bus, metrics
+from lookalike.shared import bus, lane_consumer, metrics
 from lookalike.shared.bus import ClientCredentialsTokens, ensure_topics, kafka_options
 from lookalike.shared.config import Settings
 from lookalike.shared.logs import JsonFormatter, TextFormatter, add_trace_ids
@@ -47,6 +47,13 @@ class Recorder:
         return lambda *a, **k: {}
 
 
+class RdRecorder(Recorder):
+    """Stands in for a confluent-kafka (librdkafka) client class, which takes one configuration dict."""
+
+    def __init__(self, config: dict):
+        Recorder.made.append((type(self).__name__, config))
+
+
 def test_security_settings_reach_every_kafka_client_the_library_makes(monkeypatch):
     # GIVEN a SASL_SSL cluster configured through the environment
     for k, v in SASL_ENV.items():
@@ -70,6 +77,15 @@ def test_security_settings_reach_every_kafka_client_the_library_makes(monkeypatc
         assert config["sasl_plain_username"] == "svc-lookalike"
         assert config["sasl_plain_password"] == "s3cret-kafka-pw"
         assert config["ssl_cafile"] == "/etc/ssl/cluster-ca.pem"
+    # AND the function lanes' librdkafka consumer got them under librdkafka's names
+    Recorder.made = []
+    monkeypatch.setattr(lane_consumer.confluent_kafka, "Consumer", type("Consumer", (RdRecorder,), {}))
+    lane_consumer.RdKafkaLaneConsumer("broker:9096", "lookalike-embed", ["images.detected"])
+    [(_, config)] = Recorder.made
+    assert {k: config[k] for k in ("security.protocol", "sasl.mechanism", "sasl.username", "sasl.password",
+                                   "ssl.ca.location")} == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "svc-lookalike",
+        "sasl.password": "s3cret-kafka-pw", "ssl.ca.location": "/etc/ssl/cluster-ca.pem"}
 
 
 def test_the_fetch_wait_setting_reaches_every_function_lanes_consumer(monkeypatch, tmp_path):
@@ -88,12 +104,15 @@ def test_the_fetch_wait_setting_reaches_every_function_lanes_consumer(monkeypatc
 
     Recorder.made = []
     monkeypatch.setattr(bus, "KafkaConsumer", type("KafkaConsumer", (Recorder,), {}))
-    # GIVEN a wait other than the default (Kafka's manifests set 500)
-    settings = make_settings(tmp_path, fetch_max_wait_ms=500)
-    # WHEN a function lane opens its consumer
-    Runner.from_settings(Listens(), settings, "broker:9096")._consumer_factory()
+    monkeypatch.setattr(lane_consumer.confluent_kafka, "Consumer", type("Consumer", (RdRecorder,), {}))
+    # GIVEN a wait other than the default (Kafka's manifests set 500), for either client of the lanes
+    for client in ("librdkafka", "kafka-python"):
+        settings = make_settings(tmp_path, fetch_max_wait_ms=500, kafka_consumer=client)
+        # WHEN a function lane opens its consumer
+        Runner.from_settings(Listens(), settings, "broker:9096")._consumer_factory()
     # THEN the consumer asks the broker to hold empty fetches that long
-    assert [config["fetch_max_wait_ms"] for _, config in Recorder.made] == [500]
+    assert [(kind, config.get("fetch.wait.max.ms", config.get("fetch_max_wait_ms"))) for kind, config in
+            Recorder.made] == [("Consumer", 500), ("KafkaConsumer", 500)]
     # AND a wait of 0 (Tansu would answer every fetch at once: a busy loop) or one that reaches
     # kafka-python's request timeout (30 s: every consumer would be refused) is not accepted
     for wait in (0, 30000):
@@ -112,6 +131,12 @@ def test_every_kafka_client_in_the_code_takes_the_security_options():
                     spread = [k.value for k in node.keywords if k.arg is None]
                     if not any(isinstance(v, ast.Call) and getattr(v.func, "id", "") == "kafka_options"
                                for v in spread):
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                # librdkafka's clients take one dict: it must start from rdkafka_options (held as _options)
+                elif isinstance(node, ast.Call) and (getattr(node.func, "attr", None) or getattr(
+                        node.func, "id", None)) in ("Consumer", "Producer", "AdminClient"):
+                    source = ast.get_source_segment(path.read_text(), node) or ""
+                    if "rdkafka_options(" not in source and "self._options |" not in source:
                         missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert missing == []
 
