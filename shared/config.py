@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     # At most 10 s: kafka-python refuses a wait that reaches its request timeout (30 s).
     fetch_max_wait_ms: int = Field(default=50, ge=1, le=10000)
     # The function lanes' Kafka consumer: librdkafka (confluent-kafka, its network work in C threads
-    # outside the GIL: indexing 7-23 % faster here, docs/benchmarks.md) or kafka-python (pure Python,
+    # outside the GIL: indexing 7-26 % faster here, pair by pair, docs/benchmarks.md) or kafka-python (pure Python,
     # the client of every other component). auto: librdkafka, except for SASL AWS_MSK_IAM, which
     # only kafka-python signs here (shared/lane_consumer.py).
     kafka_consumer: Literal["auto", "librdkafka", "kafka-python"] = "auto"

@@ -188,10 +188,13 @@ class Runner:
         self.max_attempts = max_attempts
         self.backoff_max_s = backoff_max_s
         self.group_id = consumer_group(function.name, lane)
-        # False for processes that share a group on the embedded broker: see bus.close_consumer.
+        # False for processes that share a group on the embedded broker: see bus.close_consumer and
+        # lane_consumer.RdKafkaLaneConsumer.close.
         self.leave_group_on_close = leave_group_on_close
-        # consumer_client: KAFKA_CONSUMER's pick (Settings.lane_consumer_client), read from the environment if not given
-        self.consumer_client = consumer_client or Settings().lane_consumer_client()
+        # KAFKA_CONSUMER's pick (Settings.lane_consumer_client), read from the environment if not given
+        if consumer_factory is None and consumer_client is None:
+            consumer_client = Settings().lane_consumer_client()
+        self.consumer_client = consumer_client
         self._consumer_factory = consumer_factory or self._make_consumer
         self._producer_factory = producer_factory or (
             lambda: make_producer(self.bootstrap_servers, client_id=f"lookalike-{self.name}"))
