@@ -147,14 +147,14 @@ class ClientCredentialsTokens(AbstractTokenProvider):
                  timeout_s: float = 10.0):
         self.token_url, self.client_id, self.scope, self.timeout_s = token_url, client_id, scope, timeout_s
         self._secret = client_secret
-        self._token, self._renew_at = "", 0.0
+        self._token, self._renew_at, self._expires_at = "", 0.0, 0.0
 
     def __repr__(self) -> str:  # never the secret
         return f"ClientCredentialsTokens({self.token_url!r}, client_id={self.client_id!r})"
 
-    def seconds_left(self) -> float:
-        """Seconds until the token in hand is renewed (0 before the first)."""
-        return max(0.0, self._renew_at - time.monotonic())
+    def expires_at(self) -> float:
+        """When the token in hand expires, in ``time.time()`` seconds (0 before the first)."""
+        return self._expires_at
 
     def token(self) -> str:
         import httpx
@@ -167,7 +167,9 @@ class ClientCredentialsTokens(AbstractTokenProvider):
         body = response.json()
         self._token = body["access_token"]
         # Renew at 80% of the lifetime, so a connection made just before expiry still authenticates.
-        self._renew_at = time.monotonic() + 0.8 * float(body.get("expires_in", 300))
+        lifetime = float(body.get("expires_in", 300))
+        self._renew_at = time.monotonic() + 0.8 * lifetime
+        self._expires_at = time.time() + lifetime
         return self._token
 
 

@@ -28,7 +28,7 @@ import time
 import confluent_kafka
 from confluent_kafka.admin import AdminClient
 from kafka import TopicPartition
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from lookalike.shared.bus import TANSU_CLUSTER_ID, ClientCredentialsTokens, kafka_options
@@ -66,9 +66,22 @@ def rdkafka_options(settings: Settings | None = None) -> dict:
 def _oauth_callback(tokens: ClientCredentialsTokens):
     def token(_config: str) -> tuple[str, float]:
         value = tokens.token()
-        return value, time.time() + tokens.seconds_left()  # librdkafka refreshes before this
+        return value, tokens.expires_at()  # the true expiry: librdkafka asks again at 80 % of what is left
 
     return token
+
+
+# Errors a retry cannot mend: raised from poll, so the runner stops, the supervisor shows the error
+# in /healthz and restarts it with backoff (kafka-python raises these from poll too).
+_FATAL_CODES = {
+    confluent_kafka.KafkaError.TOPIC_AUTHORIZATION_FAILED, confluent_kafka.KafkaError.GROUP_AUTHORIZATION_FAILED,
+    confluent_kafka.KafkaError.SASL_AUTHENTICATION_FAILED, confluent_kafka.KafkaError._AUTHENTICATION,
+}
+
+
+def _raise_if_fatal(error: confluent_kafka.KafkaError) -> None:
+    if error.fatal() or error.code() in _FATAL_CODES:
+        raise KafkaError(f"librdkafka: {error.str()}")
 
 
 def _names(partitions) -> str:
@@ -114,11 +127,19 @@ class RdKafkaLaneConsumer:
         # the one place a process says which partitions it holds (bench/scale.py reads it)
         log.info("assigned partitions %s for group %s", _names(self._assigned), self._group_id)
 
-    def _on_revoke(self, _consumer, _partitions) -> None:
+    def _on_revoke(self, consumer, partitions) -> None:
         log.info("revoked partitions %s for group %s", _names(self._assigned), self._group_id)
+        # librdkafka keeps a partition's pause across a rebalance; kafka-python starts every
+        # assignment unpaused, and the runner forgets a retry's pause once its partition left
+        # (Runner._resume_due): a pause kept through a rebalance would stall the partition for good.
+        consumer.resume(partitions)
         self._assigned = set()
 
     def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Record]]:
+        """Records fetched so far, by partition; raises kafka-python's ``KafkaError`` for an error no
+        retry mends (authorization, a fatal client error). A rebalance can run inside ``consume``:
+        records of a partition it revoked still come back, and their commit then fails
+        (``CommitFailedError``, redelivered to the new owner), as with kafka-python."""
         # consume(n, timeout) waits until it has n records or the timeout passes (a first version
         # made searches wait 600 ms): wait for one, then take whatever else is already fetched.
         messages = self._consumer.consume(num_messages=1, timeout=timeout_ms / 1000)
@@ -126,8 +147,9 @@ class RdKafkaLaneConsumer:
             messages += self._consumer.consume(num_messages=max_records - 1, timeout=0)
         polled: dict[TopicPartition, list[Record]] = collections.defaultdict(list)
         for m in messages:
-            if m.error() is not None:  # a consumer event (broker down, partition end), not a record
-                log.warning("%s", m.error())
+            if m.error() is not None:  # a consumer event, not a record
+                _raise_if_fatal(m.error())
+                log.warning("%s", m.error())  # transient: the broker away, a topic not there yet
                 continue
             polled[TopicPartition(m.topic(), m.partition())].append(Record(
                 m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [], m.timestamp()[1]))
@@ -137,10 +159,14 @@ class RdKafkaLaneConsumer:
         return self._assigned
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        self._consumer.seek(confluent_kafka.TopicPartition(tp.topic, tp.partition, offset))
+        # A partition revoked since its records were polled (a rebalance inside consume) is not
+        # ours to move: librdkafka would raise; its new owner reads from the last commit.
+        if tp in self._assigned:
+            self._consumer.seek(confluent_kafka.TopicPartition(tp.topic, tp.partition, offset))
 
     def pause(self, *tps: TopicPartition) -> None:
-        self._consumer.pause([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
+        self._consumer.pause([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps
+                              if t in self._assigned])
 
     def resume(self, *tps: TopicPartition) -> None:
         self._consumer.resume([confluent_kafka.TopicPartition(t.topic, t.partition) for t in tps])
@@ -176,6 +202,7 @@ class RdKafkaLaneConsumer:
             except Exception as e:  # broker away or topic gone for now: no verdict this time
                 log.debug("no id for topic %s: %s", topic, e)
                 ids[topic] = None
+        self._admin.poll(0)  # hands over the admin client's queued log lines and errors
         self._ids = ids
         return ids
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import time
 import uuid
 
+import confluent_kafka
 import pytest
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError
 
 from bench.tansu_group_repro import poll_until_assigned
 from lookalike.shared import lane_consumer
@@ -99,6 +102,71 @@ def test_between_checks_a_lane_consumer_answers_topic_ids_without_asking_the_bro
         consumer.close()
 
 
+@pytest.mark.e2e
+def test_a_partition_paused_for_a_retry_reads_again_after_a_rebalance():
+    """The runner pauses a partition whose record waits for a retry, and forgets the pause if the partition
+    leaves it (Runner._resume_due). librdkafka would keep the pause through a rebalance: the partition
+    would come back paused and never be read again."""
+    with TansuBroker(log_path=OUTPUT_DIR / "tansu-lane-pause.log") as broker:
+        topic = f"lane-pause-{uuid.uuid4().hex[:8]}"
+        ensure_topics(broker.bootstrap_servers, 2, [topic])
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        producer.send(topic, b"waits for a retry", partition=0).get(timeout=30)
+        producer.close()
+
+        def member(name: str) -> RdKafkaLaneConsumer:
+            return RdKafkaLaneConsumer(broker.bootstrap_servers, "g", [topic], session_timeout_ms=6000, client_id=name)
+
+        # GIVEN a lane that polled the record and paused its partition from it, as a retry does
+        first = member("first")
+        deadline = time.monotonic() + 40
+        polled: dict = {}
+        while not polled:
+            assert time.monotonic() < deadline, "the record was not polled in 40 s"
+            polled = first.poll(timeout_ms=200, max_records=10)
+        [(tp, [record])] = polled.items()
+        first.seek(tp, record.offset)
+        first.pause(tp)
+        # WHEN the group rebalances: a second member joins, takes a share, and leaves
+        second = member("second")
+        assert poll_until_assigned(second, 40, others=(first,)) is not None
+        second.close()
+        # THEN the first lane reads the record again, without resuming the partition itself
+        seen = []
+        deadline = time.monotonic() + 40
+        while not seen and time.monotonic() < deadline:
+            seen = [r.value for batch in first.poll(timeout_ms=200, max_records=10).values() for r in batch]
+        first.close()
+        assert seen == [b"waits for a retry"], "the paused partition stayed paused after the rebalance"
+
+
+def test_an_authorization_error_stops_the_lane_and_a_transient_one_does_not(monkeypatch):
+    # kafka-python raises what no retry mends from poll: the supervisor then shows it in /healthz
+    class Event:
+        def __init__(self, code):
+            self._error = confluent_kafka.KafkaError(code)
+
+        def error(self):
+            return self._error
+
+    class Broker:  # stands in for librdkafka's consumer: each consume() hands over the next events
+        def __init__(self, config):
+            self.events = [[Event(confluent_kafka.KafkaError._TRANSPORT)],
+                           [Event(confluent_kafka.KafkaError.TOPIC_AUTHORIZATION_FAILED)]]
+
+        def subscribe(self, topics, **callbacks):
+            pass
+
+        def consume(self, num_messages, timeout):
+            return self.events.pop(0) if num_messages == 1 and self.events else []
+
+    monkeypatch.setattr(lane_consumer.confluent_kafka, "Consumer", Broker)
+    consumer = RdKafkaLaneConsumer("127.0.0.1:1", "g", ["t"])
+    assert consumer.poll(timeout_ms=10) == {}  # the broker away for a moment: logged, the lane goes on
+    with pytest.raises(KafkaError, match="authorization"):
+        consumer.poll(timeout_ms=10)
+
+
 def test_the_kafka_security_settings_reach_librdkafka_under_its_names():
     settings = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
                         kafka_sasl_username="lookalike", kafka_sasl_password="s3cret",
@@ -118,14 +186,15 @@ def test_oauthbearer_tokens_reach_librdkafka_with_their_expiry(monkeypatch):
                         kafka_sasl_oauth_token_url="https://login.example/token",
                         kafka_sasl_oauth_client_id="lookalike", kafka_sasl_oauth_client_secret="s3cret")
 
-    def fake_token(self) -> str:  # no request leaves the test: the endpoint's answer, as token() keeps it
-        self._token, self._renew_at = "token-1", time.monotonic() + 240
+    def fake_token(self) -> str:  # no request leaves the test: a 300 s token, as token() keeps it
+        self._token, self._renew_at, self._expires_at = "token-1", time.monotonic() + 240, time.time() + 300
         return self._token
 
     monkeypatch.setattr(ClientCredentialsTokens, "token", fake_token)
     callback = rdkafka_options(settings)["oauth_cb"]
     token, expires_at = callback("")
-    assert token == "token-1" and 230 < expires_at - time.time() <= 240
+    # the token's true expiry: librdkafka asks again at 80 % of it, and refuses one already expired
+    assert token == "token-1" and 290 < expires_at - time.time() <= 300
 
 
 def test_aws_msk_iam_keeps_the_lanes_on_kafka_python_and_librdkafka_refuses_it_clearly():
