@@ -48,24 +48,19 @@ from kafka.structs import OffsetAndMetadata  # noqa: E402
 from bench.scale import cpu_seconds  # noqa: E402
 from lookalike.shared.bus import MAX_MESSAGE_BYTES, TansuBroker, ensure_topics, make_consumer, make_producer  # noqa: E402
 from lookalike.shared.config import Settings  # noqa: E402
-from lookalike.shared.lane_consumer import RdKafkaLaneConsumer  # noqa: E402
+from lookalike.shared.lane_consumer import RdKafkaLaneConsumer, consumer_config  # noqa: E402
 from lookalike.shared.logs import setup_logging  # noqa: E402
 
 FETCH_WAIT_MS = Settings.model_fields["fetch_max_wait_ms"].default  # the product's default FETCH_MAX_WAIT_MS
 log = logging.getLogger("bench.kafka_clients")
 
 
-def librdkafka_consumer(bootstrap: str, group_id: str, session_timeout_ms: int = 10000, client_id: str = "bench",
-                        fetch_max_wait_ms: int = FETCH_WAIT_MS, **extra) -> confluent_kafka.Consumer:
-    """A consumer configured as ``bus.make_consumer`` configures kafka-python's; ``extra``: more settings."""
-    return confluent_kafka.Consumer(extra | {
-        "bootstrap.servers": bootstrap, "group.id": group_id, "client.id": client_id,
-        "enable.auto.commit": False, "auto.offset.reset": "earliest",
-        "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
-        "fetch.wait.max.ms": fetch_max_wait_ms, "fetch.max.bytes": 16 * MAX_MESSAGE_BYTES,
-        "max.partition.fetch.bytes": MAX_MESSAGE_BYTES, "allow.auto.create.topics": False,
-        "log.connection.close": False,  # Tansu closes idle connections: not worth a line on stderr each time
-    })
+def librdkafka_consumer(bootstrap: str, group_id: str, session_timeout_ms: int = 10000,
+                        **extra) -> confluent_kafka.Consumer:
+    """A bare librdkafka consumer with a lane's configuration (``lane_consumer.consumer_config``);
+    ``extra``: more settings (``group.instance.id``)."""
+    return confluent_kafka.Consumer(
+        consumer_config(bootstrap, group_id, session_timeout_ms, "bench", FETCH_WAIT_MS) | extra)
 
 
 def lane_consumer(client: str):

@@ -132,7 +132,7 @@ class FunctionGroup:
                     continue  # another lane's group (detect's search lane) or not about groups
                 if "Revoking previously assigned partitions" in line or "revoked partitions" in line:
                     member.partitions = frozenset()
-                elif "newly assigned partitions" in line or "assigned partitions" in line:
+                elif "assigned partitions" in line:  # kafka-python's "newly assigned partitions", or ours
                     member.partitions = frozenset(int(a or b) for a, b in _PARTITION.findall(line))
                     member.assignments += 1
 

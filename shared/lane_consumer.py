@@ -3,7 +3,7 @@
 Why: kafka-python is pure Python, so its network thread and fetch parsing run under the GIL the
 handlers need. On the 2-core dev machine an idle kafka-python group consumer cost about 2.7 % of a
 core (librdkafka 0.2 %), and consuming plus producing a 60 KB record about 0.3 ms of CPU (librdkafka
-0.07); through the embedded stack indexing ran 7-23 % faster with the lanes on librdkafka
+0.07); through the embedded stack indexing ran 7-26 % faster with the lanes on librdkafka
 (``python -m bench.kafka_clients``, docs/benchmarks.md). Producers, the admin client, the reply
 listeners and the offset reader stay on kafka-python: only the lanes poll all the time.
 
@@ -84,6 +84,26 @@ def _raise_if_fatal(error: confluent_kafka.KafkaError) -> None:
         raise KafkaError(f"librdkafka: {error.str()}")
 
 
+def consumer_config(bootstrap_servers: str, group_id: str, session_timeout_ms: int = 10000,
+                    client_id: str = "lookalike", fetch_max_wait_ms: int = 50,
+                    settings: Settings | None = None) -> dict:
+    """A lane's librdkafka configuration, as ``bus.make_consumer`` configures kafka-python's (the
+    ``KAFKA_*`` TLS and SASL settings included)."""
+    return rdkafka_options(settings) | {
+        "bootstrap.servers": bootstrap_servers, "group.id": group_id, "client.id": client_id,
+        # offsets are committed by the runner after outputs are flushed
+        "enable.auto.commit": False, "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
+        "fetch.wait.max.ms": fetch_max_wait_ms,  # FETCH_MAX_WAIT_MS, as bus.make_consumer says
+        "max.partition.fetch.bytes": MAX_MESSAGE_BYTES, "fetch.max.bytes": 16 * MAX_MESSAGE_BYTES,
+        "receive.message.max.bytes": 16 * MAX_MESSAGE_BYTES + 512,  # librdkafka wants room above fetch.max.bytes
+        "allow.auto.create.topics": False,  # only ensure_topics creates topics
+        "log.connection.close": False,  # Tansu closes idle connections: not worth a warning each time
+        "logger": log,
+    }
+
+
 def _names(partitions) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
 
@@ -99,26 +119,14 @@ class RdKafkaLaneConsumer:
     def __init__(self, bootstrap_servers: str, group_id: str, topics: list[str], session_timeout_ms: int = 10000,
                  client_id: str = "lookalike", fetch_max_wait_ms: int = 50, leave_group_on_close: bool = True,
                  settings: Settings | None = None):
-        self._bootstrap, self._group_id = bootstrap_servers, group_id
-        self._options = rdkafka_options(settings)
+        self._bootstrap, self._group_id, self._settings = bootstrap_servers, group_id, settings
         self._leave_group_on_close = leave_group_on_close
         self._assigned: set[TopicPartition] = set()
         self._admin: AdminClient | None = None
         self._ids: dict[str, str | None] = {}
         self._ids_checked = 0.0
-        self._consumer = confluent_kafka.Consumer(self._options | {
-            "bootstrap.servers": bootstrap_servers, "group.id": group_id, "client.id": client_id,
-            # offsets are committed by the runner after outputs are flushed
-            "enable.auto.commit": False, "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
-            "fetch.wait.max.ms": fetch_max_wait_ms,  # FETCH_MAX_WAIT_MS, as bus.make_consumer says
-            "max.partition.fetch.bytes": MAX_MESSAGE_BYTES, "fetch.max.bytes": 16 * MAX_MESSAGE_BYTES,
-            "receive.message.max.bytes": 16 * MAX_MESSAGE_BYTES + 512,  # librdkafka wants room above fetch.max.bytes
-            "allow.auto.create.topics": False,  # only ensure_topics creates topics
-            "log.connection.close": False,  # Tansu closes idle connections: not worth a warning each time
-            "logger": log,
-        })
+        self._consumer = confluent_kafka.Consumer(consumer_config(
+            bootstrap_servers, group_id, session_timeout_ms, client_id, fetch_max_wait_ms, settings))
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
 
@@ -191,8 +199,8 @@ class RdKafkaLaneConsumer:
             return self._ids
         self._ids_checked = time.monotonic()
         if self._admin is None:
-            self._admin = AdminClient(self._options | {"bootstrap.servers": self._bootstrap, "logger": log,
-                                                       "log.connection.close": False})
+            self._admin = AdminClient(rdkafka_options(self._settings) | {
+                "bootstrap.servers": self._bootstrap, "logger": log, "log.connection.close": False})
         ids: dict[str, str | None] = {}
         futures = self._admin.describe_topics(confluent_kafka.TopicCollection(list(topics)),
                                               request_timeout=METADATA_TIMEOUT_S)
