@@ -679,24 +679,25 @@ class BatchEmbedder:
         return prepared
 
 
-_network_threads: dict[tuple[int, str], ThreadPoolExecutor] = {}
+_network_threads: dict[tuple[int, str, str], ThreadPoolExecutor] = {}
 _network_threads_lock = threading.Lock()
 
 
-def network_thread(device: str) -> ThreadPoolExecutor:
-    """The one thread that runs every PyTorch network of this process on ``device``.
+def network_thread(device: str, model_id: str) -> ThreadPoolExecutor:
+    """The one thread that runs model ``model_id``'s PyTorch networks on ``device`` in this process.
 
     PyTorch keeps cuDNN's execution plans per thread (thread_local in ATen's Conv_v8.cpp), and
-    building them costs seconds per batch size (Lite0's nine took 34 s on an H200). With one
-    thread per device, an embedder loaded after the first (the benchmarks' several, a reindex's
-    second model) finds the plans the first built. Keyed by process too: a forked child's
-    executor would hold a thread that does not exist there.
+    building them costs seconds per batch size (Lite0's nine took 34 s on an H200). So every
+    embedder of a model shares one thread, and one loaded after the first (the benchmarks load a
+    model several times) finds the plans the first built. Each model has a thread of its own: a
+    reindex warms up or compiles its new model (up to minutes) while the old one serves searches.
+    Keyed by process too: a forked child's executor would hold a thread that does not exist there.
     """
     d = torch.device(device)
-    key = (os.getpid(), f"{d.type}:{d.index or 0}")
+    key = (os.getpid(), f"{d.type}:{d.index or 0}", model_id)
     with _network_threads_lock:
         if key not in _network_threads:
-            _network_threads[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-network-{key[1]}")
+            _network_threads[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-network-{model_id}")
         return _network_threads[key]
 
 
@@ -714,7 +715,7 @@ class TorchEmbedder(BatchEmbedder):
     threads while the workers go on. PIL images (``embed``) travel as pinned uint8, copied
     non-blocking. ``decode="device"`` takes the tensor path on the CPU too (tests run it there).
 
-    The network runs in one thread per device (``network_thread``), whichever thread calls ``features``.
+    The network runs in its model's thread (``network_thread``), whichever thread calls ``features``.
     ``warm_up`` runs every bucket through it at construction (``build_embedder`` does on CUDA),
     ``compile`` compiles it there.
     """
@@ -737,11 +738,11 @@ class TorchEmbedder(BatchEmbedder):
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes (the buckets in features()): tuned once each
         self._network: Callable[[torch.Tensor], torch.Tensor] = self.model
-        # One thread runs the network, whichever lane (index, search) asks, and it is the device's
+        # One thread runs the network, whichever lane (index, search) asks, and it is the model's
         # (network_thread). PyTorch caches cuDNN's execution plans per thread, so each lane used to
         # build its own at its first batch of each size, seconds of CPU each: the one-process stack
         # on an H100 sat 13 of 15 s in them (docs/benchmarks.md).
-        self._network_thread = network_thread(device)
+        self._network_thread = network_thread(device, spec.id)
         if compile:
             self._network_thread.submit(self._compile).result()
         elif warm_up:

@@ -366,7 +366,8 @@ def test_the_network_runs_in_one_thread_whichever_lane_asks():
     assert all(np.allclose(r, rows[0], atol=1e-5) for r in rows)
 
 
-def test_every_network_of_the_process_runs_in_the_thread_that_warmed_up_the_first(monkeypatch):
+def test_a_models_embedders_share_the_thread_that_warmed_it_up_and_other_models_do_not_wait(monkeypatch):
+    import dataclasses
     import os
     import threading
 
@@ -375,24 +376,34 @@ def test_every_network_of_the_process_runs_in_the_thread_that_warmed_up_the_firs
 
     spec = REGISTRY["efficientnet_lite0"]
     ran = []  # (embedder's model, thread) of every pass through a network
-    models = [spec.build(spec.find_weights(None, allow_download=False)) for _ in range(3)]
+    models = [spec.build(spec.find_weights(None, allow_download=False)) for _ in range(4)]
     for m in models:
         m.register_forward_pre_hook(lambda module, args: ran.append((module, threading.current_thread().ident)))
     # GIVEN one embedder warmed up at load, as on CUDA
     first = TorchEmbedder(spec, models[0], "cpu", "fp32", batch_size=2, warm_up=True)
-    # WHEN the same process loads another (a benchmark's second, a reindex's new model) and runs both
+    # WHEN the same process loads the same model again (the benchmarks do) and runs both
     second = TorchEmbedder(spec, models[1], "cpu", "bf16", batch_size=2, warm_up=True)
     pixels = np.zeros((2, spec.preprocessing.crop, spec.preprocessing.crop, 3), dtype=np.uint8)
     first.features(pixels), second.features(pixels)
     # THEN both ran in one thread, the first's: PyTorch keeps cuDNN's plans per thread, so on a GPU
     # the second would otherwise build every batch size's plans again (34 s for Lite0 on an H200)
     assert len(ran) == 2 * 2 + 2 and len({ident for _, ident in ran}) == 1
+    # AND another model (a reindex's new one) has a thread of its own: while the first model's
+    # thread is busy (its warm-up or compile, up to minutes), the other model's batches go on
+    busy, release = threading.Event(), threading.Event()
+    first._network_thread.submit(lambda: (busy.set(), release.wait(30)))
+    assert busy.wait(10)
+    try:
+        other = TorchEmbedder(dataclasses.replace(spec, id="another-model"), models[2], "cpu", "fp32", batch_size=2)
+        assert other.features(pixels).shape == (2, spec.dim)
+    finally:
+        release.set()
+    assert ran[-1][1] != ran[0][1]
     # (a forked child gets a thread of its own: the parent's executor holds a thread the child lacks)
     monkeypatch.setattr(os, "getpid", lambda: -1)
-    child = TorchEmbedder(spec, models[2], "cpu", "fp32", batch_size=2)
-    child.features(pixels)
-    assert ran[-1][1] != ran[0][1]
-    assert embedders.network_thread("cpu") is not first._network_thread
+    child = TorchEmbedder(spec, models[3], "cpu", "fp32", batch_size=2)
+    assert child._network_thread is not first._network_thread
+    assert embedders.network_thread("cpu", spec.id) is child._network_thread
 
 
 def test_device_decoding_refuses_what_pil_decoding_refuses(monkeypatch):
