@@ -7,6 +7,7 @@ secured-cluster settings.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -98,6 +99,41 @@ def test_between_checks_a_lane_consumer_answers_topic_ids_without_asking_the_bro
         first = consumer.topic_ids([topic])
         assert first[topic] and [consumer.topic_ids([topic]) for _ in range(20)] == [first] * 20
         assert asks == [[topic]]
+    finally:
+        consumer.close()
+
+
+@pytest.mark.e2e
+def test_a_backlogged_lane_holds_at_most_one_fetch_of_records_ahead(kafka_bootstrap):
+    from lookalike.shared.lane_consumer import consumer_config
+    from lookalike.shared.limits import MAX_MESSAGE_BYTES, RECORD_OVERHEAD_BYTES
+
+    # GIVEN a backlog of 96 MB of records (photos waiting for a lane), in one partition
+    topic = f"backlog-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_bootstrap, 1, [topic])
+    value = b"x" * (MAX_MESSAGE_BYTES - RECORD_OVERHEAD_BYTES)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=MAX_MESSAGE_BYTES)
+    for _ in range(96 * 2**20 // len(value)):
+        producer.send(topic, value)
+    producer.flush(60)
+    producer.close()
+    stats: list[dict] = []
+    # the lane's own configuration, with librdkafka's statistics on (bytes received from the broker)
+    consumer = confluent_kafka.Consumer(consumer_config(kafka_bootstrap, f"{topic}-g") | {
+        "statistics.interval.ms": 500, "stats_cb": lambda raw: stats.append(json.loads(raw))})
+    consumer.subscribe([topic])
+    try:
+        # WHEN the lane takes its first record and then works on it for a while, reading nothing
+        deadline = time.monotonic() + 30
+        while not consumer.consume(1, timeout=1.0):
+            assert time.monotonic() < deadline, "no record in 30 s"
+        time.sleep(3)
+        consumer.poll(0)  # hands over the statistics gathered meanwhile
+        assert stats, "librdkafka reported no statistics"
+        received = sum(b["rxbytes"] for b in stats[-1]["brokers"].values())
+        # THEN it fetched about one fetch's worth ahead (32 MB, and the fetch that crossed it), not the
+        # backlog: librdkafka's default queue (64 MB) took 3/4 of it, kafka-python held about one fetch
+        assert 16 * MAX_MESSAGE_BYTES <= received < 48 * 2**20
     finally:
         consumer.close()
 
