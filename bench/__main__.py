@@ -150,9 +150,10 @@ def main() -> None:
                       "e2e.embed_img_per_s": result["standalone_img_per_s"],
                       "e2e.index_vs_embed": result["index_vs_embed"],
                       "e2e.search_p50_ms": result["search_ms_median"], "e2e.search_p95_ms": result["search_ms_p95"],
-                      "e2e.photos": result["photos"]}
+                      "e2e.photos": result["photos"], "e2e.stack_start_s": result["stack_start_s"]}
         if name == "embed":
             out["runtime"] = result["runtime"]
+            out["embed.warm_up_s"] = result["warm_up_s"]  # the CUDA warm-up at load (None on a CPU)
         out.update({k: v for k, v in result.items() if k.startswith(f"{name}.")})
         if not args.json:
             print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)
