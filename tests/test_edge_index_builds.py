@@ -240,3 +240,103 @@ def test_a_second_opener_leaves_a_running_build_alone(tmp_path, monkeypatch):
         assert (tmp_path / COLL / CURRENT_FILE).read_text() == "gen-1" and store.count(COLL) == 300
     finally:
         store.close()
+
+
+def _resident_fraction(path) -> float:
+    """How much of a file the page cache holds (mincore over a private mapping of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec) / pages
+    finally:
+        del address
+        mapped.close()
+
+
+def _vector_files(shard) -> list:
+    return [f for f in shard.glob("segments/*/vector_storage/*") if f.is_file() and f.stat().st_size]
+
+
+def _evict(path) -> None:
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
+                    reason="page-cache advice and mincore are Linux's")
+def test_a_built_generation_is_read_into_the_page_cache_before_it_serves(tmp_path, monkeypatch):
+    # GIVEN a collection whose build's files left the page cache (a child process wrote them; on
+    # this machine they were not cached, and a search's first walk through them took 20-50 ms)
+    store = open_store(tmp_path, background_index=False)
+    store.upsert(COLL, points(0, 3000))
+    served_warm = []
+    real_build = EdgeStore._run_builder
+
+    def build_then_evict(self, name, target):
+        real_build(self, name, target)
+        for f in _vector_files(target):
+            _evict(f)
+
+    real_write = edge._write_atomically
+
+    def switch(path, text, durable=False):  # the moment the new generation starts serving
+        if path.name == CURRENT_FILE:
+            deadline = time.monotonic() + 10
+            files = _vector_files(path.parent / text)
+            while min(_resident_fraction(f) for f in files) < 0.99 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the kernel's reads are asynchronous
+            served_warm.append(min(_resident_fraction(f) for f in files))
+        return real_write(path, text, durable)
+
+    monkeypatch.setattr(EdgeStore, "_run_builder", build_then_evict)
+    monkeypatch.setattr(edge, "_write_atomically", switch)
+    try:
+        # WHEN it is built and swapped in
+        store.optimize(COLL)
+        # THEN its vector files were in the page cache by the time it served searches
+        assert served_warm and served_warm[0] >= 0.99
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
+                    reason="page-cache advice and mincore are Linux's")
+def test_a_collection_opened_after_a_restart_is_read_into_the_page_cache(tmp_path):
+    # GIVEN a built collection whose files are not in the page cache (a restarted host)
+    store = open_store(tmp_path, background_index=False)
+    store.upsert(COLL, points(0, 3000))
+    store.optimize(COLL)
+    store.close()
+    files = [f for gen in tmp_path.glob(f"{COLL}/gen-*") for f in _vector_files(gen)]
+    assert files
+    for f in files:
+        _evict(f)
+    if max(_resident_fraction(f) for f in files) > 0.5:
+        pytest.skip("this kernel kept the pages after POSIX_FADV_DONTNEED")
+    # WHEN a process opens it
+    store = open_store(tmp_path, background_index=False)
+    try:
+        # THEN its files are read in the background, before any search asks for them
+        deadline = time.monotonic() + 10
+        while min(_resident_fraction(f) for f in files) < 0.99:
+            assert time.monotonic() < deadline, "the vector files were not read into the page cache in 10 s"
+            time.sleep(0.05)
+    finally:
+        store.close()

@@ -97,14 +97,17 @@ RESCORE_OVERSAMPLING = 2.0
 FLUSH_AFTER_POINTS = 2000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a collection name is a directory name
 _DISTANCES = {"cosine": qe.Distance.Cosine, "euclid": qe.Distance.Euclid}
-# Payload indexes and float vectors stay on disk (memory-mapped, the page cache keeps them
-# warm): loading a built 100k-point shard then takes ~0.4 s instead of ~1.5 s, time the
+# Payload indexes and float vectors stay on disk (memory-mapped; warm_page_cache reads a shard's
+# files into the page cache when it opens and before a build serves): loading a built 100k-point shard then takes ~0.4 s instead of ~1.5 s, time the
 # swap spends holding the GIL. Searches read the int8 copies, which stay in RAM.
 _INDEX_TYPES = {
     "keyword": lambda: qe.KeywordIndexParams(memory=qe.Memory.Cold),
     "float": lambda: qe.FloatIndexParams(memory=qe.Memory.Cold),
     "bool": lambda: qe.BoolIndexParams(memory=qe.Memory.Cold),
 }
+# posix_fadvise(WILLNEED) reads ahead at most the device's readahead window per call (8 MB
+# here), so a file is asked for in steps of this size.
+READAHEAD_STEP = 8 << 20
 # The binding raises plain ``Exception``; these message prefixes are the caller's fault.
 _CALLER_ERRORS = ("Wrong input", "Bad input", "Bad request", "Vector dimension error", "Not found", "Format error")
 
@@ -378,6 +381,7 @@ class EdgeStore(VectorStore):
             with _engine_errors(f"load {target}"):
                 built = qe.EdgeShard.load(str(target), self._config(opened.spec))
             t_load = time.monotonic() - t_load
+            warm_page_cache(target)  # read in while the writes replay, before it serves a search
             replayed, unflushed = 0, 0
             while len(opened.journal) - replayed > 0 and not self._stop.is_set():
                 operation, points = opened.journal[replayed]
@@ -516,6 +520,7 @@ class EdgeStore(VectorStore):
         # delete the generation another process is building.
         _remove_leftovers(collection, path)
         opened = self._shards[spec.name] = _Open(shard, spec, path)
+        threading.Thread(target=warm_page_cache, args=(path,), daemon=True, name=f"edge-warm-{spec.name}").start()
         return opened
 
     @staticmethod
@@ -578,6 +583,54 @@ class EdgeStore(VectorStore):
 
 
 # ---------------------------------------------------------------------- generation files
+
+
+def warm_page_cache(shard: Path) -> int:
+    """Ask the kernel to read a shard's segment files into the page cache; the bytes asked for.
+
+    Float vectors, graph links and payloads are memory-mapped (``Memory.Cold``), and a build's
+    files were not in the page cache when it began to serve (the child process wrote them): at
+    100k points a search whose graph walk reached pages not yet read took 20-50 ms instead of
+    about 1 (docs/benchmarks.md). The reads are the kernel's, asynchronous, without the GIL.
+    0 (nothing asked) without ``posix_fadvise``, or when the files would take over half the
+    memory available: the kernel would evict them again, and searches fault in what they need.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    try:
+        files = [(f, f.stat().st_size) for f in (shard / "segments").rglob("*") if f.is_file()]
+    except OSError:  # retired meanwhile
+        return 0
+    total = sum(size for _, size in files)
+    available = _memory_available()
+    if available is not None and total > available // 2:
+        log.info("%s: %d MB of segment files, over half the %d MB available: not read ahead",
+                 shard, total >> 20, available >> 20)
+        return 0
+    for path, size in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            for offset in range(0, size, READAHEAD_STEP):
+                os.posix_fadvise(fd, offset, READAHEAD_STEP, os.POSIX_FADV_WILLNEED)
+        except OSError:  # advice only
+            pass
+        finally:
+            os.close(fd)
+    return total
+
+
+def _memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None off Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _points_and_unindexed(info: Any) -> tuple[int, int]:
