@@ -340,3 +340,26 @@ def test_a_collection_opened_after_a_restart_is_read_into_the_page_cache(tmp_pat
             time.sleep(0.05)
     finally:
         store.close()
+
+
+def test_a_container_whose_memory_limit_leaves_too_little_room_does_not_read_a_collection_in(tmp_path, monkeypatch):
+    # GIVEN a built collection, and a process in a container (cgroup v2) whose limit leaves room for
+    # the collection's files once over; the host's /proc/meminfo, which a container sees, has plenty
+    store = open_store(tmp_path / "store", background_index=False)
+    store.upsert(COLL, points(0, 3000))
+    store.optimize(COLL)
+    shard = edge._current_shard(tmp_path / "store" / COLL)
+    files_bytes = sum(f.stat().st_size for f in (shard / "segments").rglob("*") if f.is_file())
+    store.close()
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.current").write_text(f"{2**30}\n")
+    (cgroup / "memory.max").write_text(f"{2**30 + files_bytes}\n")
+    monkeypatch.setattr(edge, "CGROUP_MEMORY_FILES", ((str(cgroup / "memory.max"), str(cgroup / "memory.current")),))
+    # WHEN the store would read the collection's files into the page cache
+    # THEN it does not: they would take over half the room left (the kernel would evict them again,
+    # inside the container's limit)
+    assert edge.warm_page_cache(shard) == 0
+    # AND without a limit it reads them all
+    (cgroup / "memory.max").write_text("max\n")
+    assert edge.warm_page_cache(shard) == files_bytes

@@ -97,9 +97,10 @@ RESCORE_OVERSAMPLING = 2.0
 FLUSH_AFTER_POINTS = 2000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a collection name is a directory name
 _DISTANCES = {"cosine": qe.Distance.Cosine, "euclid": qe.Distance.Euclid}
-# Payload indexes and float vectors stay on disk (memory-mapped; warm_page_cache reads a shard's
-# files into the page cache when it opens and before a build serves): loading a built 100k-point shard then takes ~0.4 s instead of ~1.5 s, time the
-# swap spends holding the GIL. Searches read the int8 copies, which stay in RAM.
+# Payload indexes and float vectors stay on disk (memory-mapped; warm_page_cache reads a
+# shard's files into the page cache when it opens and before a build serves): loading a built
+# 100k-point shard then takes ~0.4 s instead of ~1.5 s, time the swap spends holding the GIL.
+# Searches read the int8 copies, which stay in RAM.
 _INDEX_TYPES = {
     "keyword": lambda: qe.KeywordIndexParams(memory=qe.Memory.Cold),
     "float": lambda: qe.FloatIndexParams(memory=qe.Memory.Cold),
@@ -593,7 +594,9 @@ def warm_page_cache(shard: Path) -> int:
     100k points a search whose graph walk reached pages not yet read took 20-50 ms instead of
     about 1 (docs/benchmarks.md). The reads are the kernel's, asynchronous, without the GIL.
     0 (nothing asked) without ``posix_fadvise``, or when the files would take over half the
-    memory available: the kernel would evict them again, and searches fault in what they need.
+    memory available (MemAvailable, or a container's cgroup limit less its usage): the kernel
+    would evict them again, and searches fault in what they need. The pages are file-backed
+    and clean: once mapped they count in RSS (RssFile), and the kernel can reclaim them.
     """
     if not hasattr(os, "posix_fadvise"):
         return 0
@@ -622,15 +625,31 @@ def warm_page_cache(shard: Path) -> int:
     return total
 
 
+# A container sees the host's /proc/meminfo; its own limit is its cgroup's (v2, then v1).
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def _memory_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None off Linux)."""
+    """Bytes this process may still fill: MemAvailable, or less where its cgroup's limit leaves
+    less room (None when neither can be read)."""
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         pass
-    return None
+    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's near-2**63: no limit
+            room = max(0, int(limit) - usage)
+            available = room if available is None else min(available, room)
+        break
+    return available
 
 
 def _points_and_unindexed(info: Any) -> tuple[int, int]:
