@@ -99,8 +99,8 @@ def consumer_config(bootstrap_servers: str, group_id: str, session_timeout_ms: i
         "max.partition.fetch.bytes": MAX_MESSAGE_BYTES, "fetch.max.bytes": 16 * MAX_MESSAGE_BYTES,
         "receive.message.max.bytes": 16 * MAX_MESSAGE_BYTES + 512,  # librdkafka wants room above fetch.max.bytes
         # Records fetched ahead wait in the consumer's queue: at most one fetch's worth, about what
-        # kafka-python held. librdkafka's default, 64 MB (overshot by a fetch), let each lane of a
-        # backlogged process hold about 96 MB of photos, outside any limit the pods were sized for.
+        # kafka-python held. With librdkafka's default (64 MB, overshot by a fetch) a lane took 65 MB
+        # of a 96 MB backlog ahead (tests/test_lane_consumer.py), beyond what the pods were sized for.
         "queued.max.messages.kbytes": 16 * MAX_MESSAGE_BYTES // 1024,
         "allow.auto.create.topics": False,  # only ensure_topics creates topics
         "log.connection.close": False,  # Tansu closes idle connections: not worth a warning each time
