@@ -277,6 +277,20 @@ def test_product_payloads(store, coll, rng):
     assert store.product_payloads(coll, "nope") == []
 
 
+def test_search_hits_leave_the_thumbnail_to_the_product_reads(store, coll, rng):
+    # GIVEN a point whose payload holds a thumbnail, as embed stores it
+    p = point(unit(rng), "a")
+    p.payload["thumbnail"] = "data" * 2000
+    store.upsert(coll, [p])
+    # WHEN it is found by a search THEN the hit has every other field but not the thumbnail,
+    # which the result card fetches through the product reads (the gateway's image route)
+    (hit,) = store.search(coll, p.vector, limit=5)
+    assert "thumbnail" not in hit.payload
+    assert hit.payload == {k: v for k, v in p.payload.items() if k != "thumbnail"}
+    (stored,) = store.product_payloads(coll, "a")
+    assert stored["thumbnail"] == p.payload["thumbnail"]
+
+
 def test_product_image_ids_pages_through_many_points(store, coll, rng):
     # GIVEN a product with more points than one scroll page
     store.upsert(coll, product_points(rng, "big", images=[f"i{k}" for k in range(150)], objects=3))

@@ -18,6 +18,7 @@ from lookalike.shared.messages import SearchFilters
 from lookalike.shared.stores.base import (
     PAYLOAD_INDEXES,
     SCROLL_PAGE,
+    SEARCH_OMITS,
     CollectionSpec,
     Conditions,
     Hit,
@@ -209,7 +210,7 @@ class QdrantClientStore(VectorStore):
                 query=as_vector(vector),
                 limit=limit,
                 query_filter=_filter(conds) if conds else None,
-                with_payload=True,
+                with_payload=models.PayloadSelectorExclude(exclude=list(SEARCH_OMITS)),
                 with_vectors=with_vectors,
             ).points
         return to_hits(found, with_vectors)

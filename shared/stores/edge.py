@@ -54,6 +54,7 @@ from lookalike.shared.messages import SearchFilters
 from lookalike.shared.stores.base import (
     PAYLOAD_INDEXES,
     SCROLL_PAGE,
+    SEARCH_OMITS,
     CollectionSpec,
     Conditions,
     Hit,
@@ -304,7 +305,7 @@ class EdgeStore(VectorStore):
                 params=qe.SearchParams(
                     hnsw_ef=max(SEARCH_EF, limit), acorn=qe.AcornSearchParams(enable=True),
                     quantization=qe.QuantizationSearchParams(rescore=True, oversampling=RESCORE_OVERSAMPLING)),
-                with_payload=True,
+                with_payload=qe.PayloadSelector.Exclude(list(SEARCH_OMITS)),
                 with_vector=with_vectors,
             )
             with _engine_errors(f"search {collection}"):
