@@ -10,7 +10,8 @@ times (a nightly full feed with nothing new) and adds the time each took to be c
 ``--baseline`` then times standalone batched embedding of the same photos with the stack
 stopped, and their ratio (``index_vs_embed``). ``--filler N`` adds N synthetic points of other
 products to the collection after indexing (and builds their index) before the searches, so that
-searches run against a store of catalogue scale.
+searches run against a store of catalogue scale. ``--stages`` adds where the searches' time went:
+each function's span and each Kafka hop, at the median and for the slowest searches (bench/spans.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # `python bench/pipeline.py` finds the bench package
 
 from bench import embed as embed_bench  # noqa: E402
+from bench import spans as spans_bench  # noqa: E402
 from lookalike.client import Client, read_catalog  # noqa: E402
 from lookalike.sample_catalog import generate  # noqa: E402
 from lookalike.shared.config import Settings  # noqa: E402
@@ -82,11 +84,12 @@ def catalogue_photos(events: list) -> list[bytes]:
 
 def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "efficientnet_lite0",
         precision: str = "auto", detect: str = "none", resend: int = 0, baseline: bool = False,
-        filler: int = 0) -> dict:
+        filler: int = 0, stages: bool = False) -> dict:
     """Index a generated catalogue through the embedded stack, then time sequential photo searches.
 
     ``baseline``: also time standalone batched embedding of the same photos (``standalone_img_per_s``)
-    and divide (``index_vs_embed``)."""
+    and divide (``index_vs_embed``). ``stages``: each search's stages from its spans (bench/spans.py)."""
+    recorder = spans_bench.SpanRecorder() if stages else None
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate(Path(tmp) / "sample", n_products=products, photos_per_product=photos)
         events = read_catalog(sample.catalog_path)
@@ -117,12 +120,13 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
                     for vector in vectors:
                         store.search(collection, vector, 50)
 
-            latencies, correct = [], 0
+            latencies, correct, wall = [], 0, []
             for i in range(searches):
                 photo, product_id = sample.queries[i % len(sample.queries)]
-                t0 = time.monotonic()
+                sent, t0 = time.time_ns(), time.monotonic()
                 result = client.search(photo.read_bytes(), top_k=10)
                 latencies.append((time.monotonic() - t0) * 1000)
+                wall.append((sent, time.time_ns()))
                 found = result.objects[-1].products
                 correct += bool(found) and found[0].product_id == product_id
             client.close()
@@ -144,6 +148,7 @@ def run(products: int = 100, photos: int = 4, searches: int = 20, model: str = "
         "search_ms_max": round(latencies[-1], 1),
         "searches": len(latencies), "top1_correct": correct,
         **({"resend_seconds": resend_s} if resend else {}),
+        **(spans_bench.breakdown(recorder, wall) if recorder else {}),
         **({"standalone_img_per_s": round(standalone, 1),
             "index_vs_embed": round(n_photos / index_s / standalone, 2)} if baseline else {}),
     }
@@ -162,10 +167,12 @@ def main() -> None:
                         help="synthetic points of other products added before the searches (e.g. 100000)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time standalone embedding of the same photos, and the ratio (index_vs_embed)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also report each function's and each hop's share of the searches (from their spans)")
     args = parser.parse_args()
     setup_logging("WARNING")
     print(json.dumps(run(args.products, args.photos, args.searches, args.model, args.precision, args.detect,
-                         args.resend, args.baseline, args.filler)))
+                         args.resend, args.baseline, args.filler, args.stages)))
 
 
 if __name__ == "__main__":
