@@ -128,7 +128,7 @@ class RdKafkaLaneConsumer:
         self._assigned: set[TopicPartition] = set()
         self._admin: AdminClient | None = None
         self._ids: dict[str, str | None] = {}
-        self._ids_checked = 0.0
+        self._ids_checked = -TOPIC_CHECK_S  # the first call asks, even on a machine up for under TOPIC_CHECK_S
         self._consumer = confluent_kafka.Consumer(consumer_config(
             bootstrap_servers, group_id, session_timeout_ms, client_id, fetch_max_wait_ms, settings))
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,

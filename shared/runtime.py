@@ -501,7 +501,7 @@ def _check_topic_ids(consumer, topics, seen: dict[str, Any]) -> dict[str, Any]:
     for topic, topic_id in now.items():
         if topic_id is not None and seen.get(topic) not in (None, topic_id):
             raise TopicRecreated(f"topic {topic} was recreated (id {seen[topic]} -> {topic_id})")
-    return {t: now[t] or seen.get(t) for t in topics}
+    return {t: now.get(t) or seen.get(t) for t in topics}
 
 
 def _first_offsets(records: Sequence) -> dict[TopicPartition, int]:

@@ -103,6 +103,21 @@ def test_between_checks_a_lane_consumer_answers_topic_ids_without_asking_the_bro
         consumer.close()
 
 
+def test_a_lane_consumer_on_a_machine_booted_a_moment_ago_asks_for_its_topic_ids(kafka_bootstrap, monkeypatch):
+    # The monotonic clock counts from boot: a serverless microVM starts its function well under
+    # TOPIC_CHECK_S after. Taking "never checked" for "checked at 0" answered no ids there, and the
+    # runner's check failed the lane until the clock passed TOPIC_CHECK_S.
+    real, started = time.monotonic, time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: 0.5 + real() - started)  # up for half a second
+    topic = f"boot-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_bootstrap, 1, [topic])
+    consumer = RdKafkaLaneConsumer(kafka_bootstrap, f"{topic}-g", [topic])
+    try:
+        assert consumer.topic_ids([topic])[topic]
+    finally:
+        consumer.close()
+
+
 @pytest.mark.e2e
 def test_a_backlogged_lane_holds_at_most_one_fetch_of_records_ahead(kafka_bootstrap):
     from lookalike.shared.lane_consumer import consumer_config
