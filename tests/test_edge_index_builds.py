@@ -349,17 +349,52 @@ def test_a_container_whose_memory_limit_leaves_too_little_room_does_not_read_a_c
     store.upsert(COLL, points(0, 3000))
     store.optimize(COLL)
     shard = edge._current_shard(tmp_path / "store" / COLL)
-    files_bytes = sum(f.stat().st_size for f in (shard / "segments").rglob("*") if f.is_file())
+    files_bytes = sum(f.stat().st_blocks * 512 for f in (shard / "segments").rglob("*") if f.is_file())
     store.close()
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
     (cgroup / "memory.current").write_text(f"{2**30}\n")
     (cgroup / "memory.max").write_text(f"{2**30 + files_bytes}\n")
-    monkeypatch.setattr(edge, "CGROUP_MEMORY_FILES", ((str(cgroup / "memory.max"), str(cgroup / "memory.current")),))
+    (cgroup / "memory.stat").write_text("anon 1073741824\ninactive_file 0\n")
+    monkeypatch.setattr(edge, "CGROUP_MEMORY_FILES", ((str(cgroup / "memory.max"), str(cgroup / "memory.current"),
+                                                       str(cgroup / "memory.stat"), "inactive_file"),))
     # WHEN the store would read the collection's files into the page cache
     # THEN it does not: they would take over half the room left (the kernel would evict them again,
     # inside the container's limit)
     assert edge.warm_page_cache(shard) == 0
-    # AND without a limit it reads them all
+    # AND when most of that usage is page cache the kernel would reclaim first, it reads them in,
+    # as it does without a limit
+    (cgroup / "memory.stat").write_text("anon 1048576\ninactive_file 1072693248\n")
+    reclaimable = edge.warm_page_cache(shard)
+    (cgroup / "memory.stat").write_text("anon 1073741824\ninactive_file 0\n")
     (cgroup / "memory.max").write_text("max\n")
-    assert edge.warm_page_cache(shard) == files_bytes
+    assert reclaimable == edge.warm_page_cache(shard) > 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
+                    reason="page-cache advice and mincore are Linux's")
+def test_the_pages_qdrant_reserves_ahead_are_not_read_into_the_page_cache(tmp_path):
+    # GIVEN a built collection: Qdrant sizes a segment's payload storage (32 MB) and each payload
+    # index (4 MB) ahead of use; what is not written yet is a hole, and reading it would fill
+    # memory with zeros
+    store = open_store(tmp_path, background_index=False)
+    store.upsert(COLL, points(0, 3000))
+    store.optimize(COLL)
+    shard = edge._current_shard(tmp_path / COLL)
+    store.close()
+    files = [f for f in (shard / "segments").rglob("*") if f.is_file() and f.stat().st_size]
+    size = sum(f.stat().st_size for f in files)
+    allocated = sum(f.stat().st_blocks * 512 for f in files)
+    assert size > 2 * allocated, "this filesystem or Qdrant version reserves no holes"
+    for f in files:
+        _evict(f)
+    # WHEN the store reads the collection in
+    edge.warm_page_cache(shard)
+    # THEN the vectors are read, and of the files no more than their data is in the page cache
+    deadline = time.monotonic() + 10
+    while min(_resident_fraction(f) for f in _vector_files(shard)) < 0.99:
+        assert time.monotonic() < deadline, "the vector files were not read into the page cache in 10 s"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the kernel's last reads
+    resident = sum(_resident_fraction(f) * f.stat().st_size for f in files)
+    assert resident <= allocated * 1.05 + (1 << 20), (resident, allocated, size)

@@ -31,6 +31,7 @@ fsync policy, which the binding does not document.)
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -107,9 +108,10 @@ _INDEX_TYPES = {
     "float": lambda: qe.FloatIndexParams(memory=qe.Memory.Cold),
     "bool": lambda: qe.BoolIndexParams(memory=qe.Memory.Cold),
 }
-# posix_fadvise(WILLNEED) reads ahead at most the device's readahead window per call (8 MB
-# here), so a file is asked for in steps of this size.
-READAHEAD_STEP = 8 << 20
+# posix_fadvise(WILLNEED) reads at most max(read_ahead_kb, max_sectors_kb) of the file's device
+# per call (8 MB on the machine the figures come from, 128 KB by the kernel's default), so a file
+# is asked for in steps of the default: 512 MB took 51-218 ms of calls, as in 8 MB steps.
+READAHEAD_STEP = 128 << 10
 # The binding raises plain ``Exception``; these message prefixes are the caller's fault.
 _CALLER_ERRORS = ("Wrong input", "Bad input", "Bad request", "Vector dimension error", "Not found", "Format error")
 
@@ -383,7 +385,7 @@ class EdgeStore(VectorStore):
             with _engine_errors(f"load {target}"):
                 built = qe.EdgeShard.load(str(target), self._config(opened.spec))
             t_load = time.monotonic() - t_load
-            warm_page_cache(target)  # read in while the writes replay, before it serves a search
+            warm_page_cache(target, self._stop)  # asked for now; the kernel reads while the writes replay
             replayed, unflushed = 0, 0
             while len(opened.journal) - replayed > 0 and not self._stop.is_set():
                 operation, points = opened.journal[replayed]
@@ -522,7 +524,8 @@ class EdgeStore(VectorStore):
         # delete the generation another process is building.
         _remove_leftovers(collection, path)
         opened = self._shards[spec.name] = _Open(shard, spec, path)
-        threading.Thread(target=warm_page_cache, args=(path,), daemon=True, name=f"edge-warm-{spec.name}").start()
+        threading.Thread(target=warm_page_cache, args=(path, self._stop), daemon=True,
+                         name=f"edge-warm-{spec.name}").start()
         return opened
 
     @staticmethod
@@ -587,53 +590,87 @@ class EdgeStore(VectorStore):
 # ---------------------------------------------------------------------- generation files
 
 
-def warm_page_cache(shard: Path) -> int:
+def warm_page_cache(shard: Path, stop: threading.Event | None = None) -> int:
     """Ask the kernel to read a shard's segment files into the page cache; the bytes asked for.
 
     Float vectors, graph links and payloads are memory-mapped (``Memory.Cold``), and a build's
     files were not in the page cache when it began to serve (the child process wrote them): at
     100k points a search whose graph walk reached pages not yet read took 20-50 ms instead of
     about 1 (docs/benchmarks.md). The reads are the kernel's, asynchronous, without the GIL.
-    0 (nothing asked) without ``posix_fadvise``, or when the files would take over half the
-    memory available (MemAvailable, or a container's cgroup limit less its usage): the kernel
-    would evict them again, and searches fault in what they need. The pages are file-backed
-    and clean: once mapped they count in RSS (RssFile), and the kernel can reclaim them.
+    Only the parts of a file that hold data are asked for: Qdrant reserves pages ahead (32 MB of
+    payload storage a segment, 4 MB a payload index), which stay holes until written. 0 (nothing
+    asked) without ``posix_fadvise``, or when the data would take over half the memory available
+    (MemAvailable, or the room a container's cgroup limit leaves): the kernel would evict it
+    again, and searches fault in what they need. The pages are file-backed and clean: once
+    mapped they count in RSS (RssFile), and the kernel can reclaim them. ``stop``: set, it stops
+    asking (the store is closing).
     """
     if not hasattr(os, "posix_fadvise"):
         return 0
-    try:
-        files = [(f, f.stat().st_size) for f in (shard / "segments").rglob("*") if f.is_file()]
+    try:  # allocated bytes: a sparse file's holes take no page
+        files = [(f, f.stat().st_blocks * 512) for f in (shard / "segments").rglob("*") if f.is_file()]
     except OSError:  # retired meanwhile
         return 0
-    total = sum(size for _, size in files)
+    total = sum(allocated for _, allocated in files)
     available = _memory_available()
     if available is not None and total > available // 2:
         log.info("%s: %d MB of segment files, over half the %d MB available: not read ahead",
                  shard, total >> 20, available >> 20)
         return 0
-    for path, size in files:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+    asked = 0
+    for path, allocated in files:
+        if stop is not None and stop.is_set():
+            break
+        if not allocated:
             continue
         try:
-            for offset in range(0, size, READAHEAD_STEP):
-                os.posix_fadvise(fd, offset, READAHEAD_STEP, os.POSIX_FADV_WILLNEED)
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # retired meanwhile
+            continue
+        try:
+            for start, end in _data_ranges(fd):
+                for offset in range(start, end, READAHEAD_STEP):
+                    os.posix_fadvise(fd, offset, min(READAHEAD_STEP, end - offset), os.POSIX_FADV_WILLNEED)
+                asked += end - start
         except OSError:  # advice only
             pass
         finally:
             os.close(fd)
-    return total
+    return asked
 
 
-# A container sees the host's /proc/meminfo; its own limit is its cgroup's (v2, then v1).
-CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+def _data_ranges(fd: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each part of the file that holds data (all of it where the filesystem
+    cannot tell holes apart)."""
+    size = os.fstat(fd).st_size
+    ranges, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from offset to the end
+                break
+            return [(0, size)]
+        end = min(size, max(os.lseek(fd, start, os.SEEK_HOLE), start + 1))
+        ranges.append((start, end))
+        offset = end
+    return ranges
+
+
+# A container sees the host's /proc/meminfo; its own limit is its cgroup's (v2, then v1): the limit,
+# the usage, and the statistics whose inactive file pages (reclaimable cache) the usage includes.
+CGROUP_MEMORY_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)
 
 
 def _memory_available() -> int | None:
     """Bytes this process may still fill: MemAvailable, or less where its cgroup's limit leaves
-    less room (None when neither can be read)."""
+    less room (None when neither can be read). A cgroup's usage counts its page cache; the
+    inactive part of it is reclaimed before anything else, so it leaves room (the working set
+    that kubelet compares with the limit)."""
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -641,16 +678,28 @@ def _memory_available() -> int | None:
                 available = int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+    for limit_file, usage_file, stat_file, inactive_key in CGROUP_MEMORY_FILES:
         try:
             limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's near-2**63: no limit
-            room = max(0, int(limit) - usage)
+            room = max(0, int(limit) - (usage - _stat_value(stat_file, inactive_key)))
             available = room if available is None else min(available, room)
         break
     return available
+
+
+def _stat_value(path: str, key: str) -> int:
+    """One ``key value`` line of a cgroup's memory.stat; 0 when it cannot be read."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _points_and_unindexed(info: Any) -> tuple[int, int]:
