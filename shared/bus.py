@@ -296,8 +296,14 @@ def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> 
     answer to a request sent next) is read, and nothing from before."""
     # 50 ms, not FETCH_MAX_WAIT_MS: end_offsets below waits for an empty fetch at the end, so a
     # long wait (500 on Kafka) would delay every listener's start by as much.
+    # retry_backoff_ms caps how long kafka-python 3 (fetch_records, then _poll_once) sleeps in a
+    # poll that finds no fetch in flight. An empty fetch that completes between its drain and its
+    # next send leaves it so, and with the default 100 ms no fetch went out for that long: about
+    # 1 search result in 100 reached the gateway 100-110 ms after query sent it, under load
+    # (docs/benchmarks.md, "The reply hop"). At 20 the worst of 400 was 31.5 ms. It also paces
+    # this consumer's retries when the broker fails, each of them one small request.
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, client_id=client_id, **kafka_options())
+                             fetch_max_wait_ms=50, retry_backoff_ms=20, client_id=client_id, **kafka_options())
     # Not seek_to_end: on Tansu its end can lie inside the last record batch (see end_offsets).
     for tp, end in end_offsets(consumer, topics).items():
         consumer.seek(tp, end)
