@@ -301,7 +301,8 @@ def tail_consumer(bootstrap_servers: str, topics: list[str], client_id: str) -> 
     # next send leaves it so, and with the default 100 ms no fetch went out for that long: about
     # 1 search result in 100 reached the gateway 100-110 ms after query sent it, under load
     # (docs/benchmarks.md, "The reply hop"). At 20 the worst of 400 was 31.5 ms. It also paces
-    # this consumer's retries when the broker fails, each of them one small request.
+    # this consumer's ListOffsets and leader-epoch retries (at most 50 small requests a second
+    # while a connected broker keeps failing them); reconnects keep their own backoff.
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
                              fetch_max_wait_ms=50, retry_backoff_ms=20, client_id=client_id, **kafka_options())
     # Not seek_to_end: on Tansu its end can lie inside the last record batch (see end_offsets).

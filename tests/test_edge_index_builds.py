@@ -383,11 +383,12 @@ def test_the_pages_qdrant_reserves_ahead_are_not_read_into_the_page_cache(tmp_pa
     shard = edge._current_shard(tmp_path / COLL)
     store.close()
     files = [f for f in (shard / "segments").rglob("*") if f.is_file() and f.stat().st_size]
+    for f in files:
+        _evict(f)  # after its fsync, st_blocks is what the file holds on disk
     size = sum(f.stat().st_size for f in files)
     allocated = sum(f.stat().st_blocks * 512 for f in files)
-    assert size > 2 * allocated, "this filesystem or Qdrant version reserves no holes"
-    for f in files:
-        _evict(f)
+    if size <= 2 * allocated:
+        pytest.skip(f"{size} bytes of files, {allocated} on disk: this filesystem or Qdrant version keeps no holes")
     # WHEN the store reads the collection in
     edge.warm_page_cache(shard)
     # THEN the vectors are read, and of the files no more than their data is in the page cache

@@ -607,28 +607,40 @@ def warm_page_cache(shard: Path, stop: threading.Event | None = None) -> int:
     """
     if not hasattr(os, "posix_fadvise"):
         return 0
-    try:  # allocated bytes: a sparse file's holes take no page
-        files = [(f, f.stat().st_blocks * 512) for f in (shard / "segments").rglob("*") if f.is_file()]
+    files = []  # (path, its data ranges)
+    try:
+        paths = [f for f in (shard / "segments").rglob("*") if f.is_file()]
     except OSError:  # retired meanwhile
         return 0
-    total = sum(allocated for _, allocated in files)
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # retired meanwhile
+            continue
+        try:
+            files.append((path, _data_ranges(fd)))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    total = sum(end - start for _, ranges in files for start, end in ranges)
     available = _memory_available()
     if available is not None and total > available // 2:
         log.info("%s: %d MB of segment files, over half the %d MB available: not read ahead",
                  shard, total >> 20, available >> 20)
         return 0
     asked = 0
-    for path, allocated in files:
+    for path, ranges in files:
         if stop is not None and stop.is_set():
             break
-        if not allocated:
+        if not ranges:
             continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # retired meanwhile
             continue
         try:
-            for start, end in _data_ranges(fd):
+            for start, end in ranges:
                 for offset in range(start, end, READAHEAD_STEP):
                     os.posix_fadvise(fd, offset, min(READAHEAD_STEP, end - offset), os.POSIX_FADV_WILLNEED)
                 asked += end - start
@@ -651,6 +663,8 @@ def _data_ranges(fd: int) -> list[tuple[int, int]]:
             if e.errno == errno.ENXIO:  # nothing but a hole from offset to the end
                 break
             return [(0, size)]
+        if start >= size:  # the file grew meanwhile: what is past the size it had is not asked for
+            break
         end = min(size, max(os.lseek(fd, start, os.SEEK_HOLE), start + 1))
         ranges.append((start, end))
         offset = end
