@@ -268,6 +268,19 @@ def _vector_files(shard) -> list:
     return [f for f in shard.glob("segments/*/vector_storage/*") if f.is_file() and f.stat().st_size]
 
 
+linux_page_cache = pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
+                                      reason="page-cache advice and mincore are Linux's")
+
+
+def built_collection(root):
+    """A collection of 3,000 points, built and closed: the directory of the generation that serves it."""
+    store = open_store(root, background_index=False)
+    store.upsert(COLL, points(0, 3000))
+    store.optimize(COLL)
+    store.close()
+    return edge._current_shard(root / COLL)
+
+
 def _evict(path) -> None:
     import os
 
@@ -279,8 +292,7 @@ def _evict(path) -> None:
         os.close(fd)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
-                    reason="page-cache advice and mincore are Linux's")
+@linux_page_cache
 def test_a_built_generation_is_read_into_the_page_cache_before_it_serves(tmp_path, monkeypatch):
     # GIVEN a collection whose build's files left the page cache (a child process wrote them; on
     # this machine they were not cached, and a search's first walk through them took 20-50 ms)
@@ -316,15 +328,10 @@ def test_a_built_generation_is_read_into_the_page_cache_before_it_serves(tmp_pat
         store.close()
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
-                    reason="page-cache advice and mincore are Linux's")
+@linux_page_cache
 def test_a_collection_opened_after_a_restart_is_read_into_the_page_cache(tmp_path):
     # GIVEN a built collection whose files are not in the page cache (a restarted host)
-    store = open_store(tmp_path, background_index=False)
-    store.upsert(COLL, points(0, 3000))
-    store.optimize(COLL)
-    store.close()
-    files = [f for gen in tmp_path.glob(f"{COLL}/gen-*") for f in _vector_files(gen)]
+    files = _vector_files(built_collection(tmp_path))
     assert files
     for f in files:
         _evict(f)
@@ -345,12 +352,8 @@ def test_a_collection_opened_after_a_restart_is_read_into_the_page_cache(tmp_pat
 def test_a_container_whose_memory_limit_leaves_too_little_room_does_not_read_a_collection_in(tmp_path, monkeypatch):
     # GIVEN a built collection, and a process in a container (cgroup v2) whose limit leaves room for
     # the collection's files once over; the host's /proc/meminfo, which a container sees, has plenty
-    store = open_store(tmp_path / "store", background_index=False)
-    store.upsert(COLL, points(0, 3000))
-    store.optimize(COLL)
-    shard = edge._current_shard(tmp_path / "store" / COLL)
+    shard = built_collection(tmp_path / "store")
     files_bytes = sum(f.stat().st_blocks * 512 for f in (shard / "segments").rglob("*") if f.is_file())
-    store.close()
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
     (cgroup / "memory.current").write_text(f"{2**30}\n")
@@ -371,17 +374,12 @@ def test_a_container_whose_memory_limit_leaves_too_little_room_does_not_read_a_c
     assert reclaimable == edge.warm_page_cache(shard) > 0
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise") or sys.platform != "linux",
-                    reason="page-cache advice and mincore are Linux's")
+@linux_page_cache
 def test_the_pages_qdrant_reserves_ahead_are_not_read_into_the_page_cache(tmp_path):
     # GIVEN a built collection: Qdrant sizes a segment's payload storage (32 MB) and each payload
     # index (4 MB) ahead of use; what is not written yet is a hole, and reading it would fill
     # memory with zeros
-    store = open_store(tmp_path, background_index=False)
-    store.upsert(COLL, points(0, 3000))
-    store.optimize(COLL)
-    shard = edge._current_shard(tmp_path / COLL)
-    store.close()
+    shard = built_collection(tmp_path)
     files = [f for f in (shard / "segments").rglob("*") if f.is_file() and f.stat().st_size]
     for f in files:
         _evict(f)  # after its fsync, st_blocks is what the file holds on disk
